@@ -1,0 +1,3 @@
+"""seadragon-proxy: a priority-queue reverse proxy for Ollama."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,7 @@
+"""``python -m seadragon_proxy`` is the ``seadragon-proxy`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,109 @@
+"""The application factory: wires settings, scheduler, policy, whitelist and upstream into
+aiohttp. Each resource has one ``cleanup_ctx``; background tasks are cancelled and awaited."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import structlog
+from aiohttp import web
+
+from . import admin
+from .exceptions import ShuttingDown
+from .live import Live
+from .middlewares import cors_headers, cors_middleware, error_middleware
+from .proxy import Proxy
+from .record import Recorder
+from .scheduler import Scheduler, Ticket
+from .settings import Settings
+from .typedefs import LIVE, PROXY, RECORDER, SCHEDULER, UPSTREAM
+from .upstream import Upstream
+from .watch import watch_files
+from .whitelist import WhitelistStore
+
+log = structlog.get_logger("seadragon.app")
+
+
+def create_app(settings: Settings) -> web.Application:
+    """Build the app from validated settings. Nothing starts until the app is run."""
+    q = settings.queue
+    scheduler = Scheduler(
+        slots=settings.upstream.slots, max_size=q.max_size, max_wait=q.max_wait, aging=q.aging
+    )
+    live = Live(settings, scheduler, WhitelistStore(settings.whitelist.database))
+    upstream = Upstream(settings.upstream, scheduler)
+    recorder = Recorder()
+    proxy = Proxy(live, scheduler, upstream, recorder)
+    scheduler.add_listener(_log_queue_event)
+
+    # Bodies are read by the proxy itself, bounded by server.max_body.
+    app = web.Application(
+        middlewares=[cors_middleware, error_middleware], client_max_size=settings.server.max_body
+    )
+    app[LIVE] = live
+    app[SCHEDULER] = scheduler
+    app[UPSTREAM] = upstream
+    app[RECORDER] = recorder
+    app[PROXY] = proxy
+    app.cleanup_ctx.extend([whitelist_ctx, upstream_ctx, watcher_ctx, scheduler_ctx])
+    app.on_response_prepare.append(cors_headers)
+
+    app.router.add_get("/health", admin.health_view, allow_head=True)
+    app.router.add_get("/api/ollama/health", admin.health_view, allow_head=True)
+    app.router.add_get("/api/admin/queue", admin.queue_view)
+    app.router.add_route("*", "/api/admin/{tail:.*}", admin.admin_not_found)
+    app.router.add_route("*", "/{tail:.*}", proxy.handle)
+    return app
+
+
+def _log_queue_event(event: str, ticket: Ticket) -> None:
+    if event == "queued":
+        log.debug("request_queued", id=ticket.id, source=ticket.source, priority=ticket.priority)
+
+
+async def whitelist_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Create (and seed) the database if needed and read it before the first request."""
+    live = app[LIVE]
+    created = await live.store.ensure()
+    if created:
+        log.info("whitelist_created", database=str(live.store.path), seeded="loopback")
+    await live.reload_whitelist()
+    yield
+
+
+async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
+    upstream = app[UPSTREAM]
+    await upstream.start()
+    yield
+    await upstream.close()
+
+
+async def watcher_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Reload the policy when the YAML file changes and the whitelist when the database does."""
+    live = app[LIVE]
+    targets = {live.store.path: live.reload_whitelist}
+    if live.config_file is not None:
+        targets[live.config_file] = live.reload_config
+    task = asyncio.create_task(watch_files(targets), name="file-watcher")
+    task.add_done_callback(_report_watcher_end)
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def _report_watcher_end(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error(
+            "file_watcher_failed",
+            error=repr(task.exception()),
+            effect="edits to the config and whitelist need SIGHUP until restart",
+        )
+
+
+async def scheduler_ctx(app: web.Application) -> AsyncIterator[None]:
+    yield
+    # Anyone still queued when the app goes away is answered, not dropped.
+    app[SCHEDULER].close(ShuttingDown)

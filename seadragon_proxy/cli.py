@@ -1,0 +1,201 @@
+"""The ``seadragon-proxy`` command: serve, whitelist, check, explain.
+
+``main(argv)`` parses arguments and is the only place that decides the exit status:
+0 done, 1 a problem the message explains (bad config, bad address, database), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+from typing import TextIO
+
+from multidict import CIMultiDict
+
+from . import __version__
+from .exceptions import ConfigError, WhitelistError
+from .logs import configure_logging
+from .netaddr import LOOPBACK, NetworkSet, parse_address
+from .policy import RequestFacts
+from .routes import classify
+from .settings import Settings, config_path, load_settings
+from .whitelist import WhitelistStore
+
+PROG = "seadragon-proxy"
+
+
+class Failure(Exception):
+    """A message for the user and exit status 1."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="A priority-queue reverse proxy for Ollama."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    config_help = "the YAML file (default: $SEADRAGON_CONFIG, else config/seadragon.yaml)"
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="PATH", help=config_help)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", parents=[common], help="run the proxy")
+    serve.add_argument("--host", help="address to listen on (overrides server.host)")
+    serve.add_argument("--port", type=int, help="port to listen on (overrides server.port)")
+    serve.add_argument("--upstream", metavar="URL", help="Ollama's URL (overrides upstream.url)")
+
+    wl = sub.add_parser("whitelist", help="show or change the whitelist")
+    wl_sub = wl.add_subparsers(dest="action", required=True, metavar="ACTION")
+    add = wl_sub.add_parser("add", parents=[common], help="allow an address or network")
+    add.add_argument("entry", metavar="ADDR_OR_CIDR")
+    add.add_argument("--note", default="", help="why it is there (shown by 'list')")
+    remove = wl_sub.add_parser("remove", parents=[common], help="remove an address or network")
+    remove.add_argument("entry", metavar="ADDR_OR_CIDR")
+    listing = wl_sub.add_parser("list", parents=[common], help="print the whitelist")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+
+    sub.add_parser("check", parents=[common], help="validate the config; print the source rules")
+
+    explain = sub.add_parser(
+        "explain", parents=[common], help="which source and priority a request would get"
+    )
+    explain.add_argument("--ip", default="127.0.0.1", help="client address (default 127.0.0.1)")
+    explain.add_argument("--method", default="POST", help="HTTP method (default POST)")
+    explain.add_argument("--path", default="/api/chat", help="request path (default /api/chat)")
+    explain.add_argument(
+        "--header", action="append", default=[], metavar="'NAME: VALUE'", help="repeatable"
+    )
+    explain.add_argument("--model", help="the model named in the body")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        settings = load_settings(config_path(args.config))
+        if args.command == "whitelist":
+            return asyncio.run(_whitelist(args, settings, sys.stdout))
+        if args.command == "check":
+            return _check(settings, sys.stdout)
+        return asyncio.run(_explain(args, settings, sys.stdout))
+    except (Failure, ConfigError, WhitelistError) as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .server import serve  # aiohttp's server is only needed here
+
+    settings = load_settings(config_path(args.config)).override(
+        host=args.host, port=args.port, upstream=args.upstream
+    )
+    configure_logging(settings.log)
+    try:
+        return asyncio.run(serve(settings))
+    except OSError as e:
+        raise Failure(
+            f"cannot listen on {settings.server.host}:{settings.server.port}: {e.strerror or e}"
+        ) from e
+
+
+async def _whitelist(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
+    store = WhitelistStore(settings.whitelist.database)
+    if args.action == "list":
+        await store.ensure()
+        entries = await store.entries()
+        if args.json:
+            rows = [{"network": e.network, "note": e.note, "added_at": e.added_at} for e in entries]
+            json.dump(rows, out, indent=2)
+            out.write("\n")
+        elif not entries:
+            print(f"the whitelist in {store.path} is empty", file=out)
+        else:
+            width = max(len(e.network) for e in entries)
+            for e in entries:
+                print(f"{e.network:<{width}}  {e.added_at}  {e.note}".rstrip(), file=out)
+        return 0
+    try:
+        if args.action == "add":
+            network, new = await store.add(args.entry, args.note)
+            verb = "added" if new else "updated the note of"
+            print(f"{verb} {network} in {store.path}", file=out)
+            return 0
+        network, found = await store.remove(args.entry)
+    except ValueError as e:
+        raise Failure(f"{e}; give an address (10.0.0.7, ::1) or a network (10.0.0.0/8)") from e
+    if not found:
+        raise Failure(f"{network} is not on the whitelist in {store.path}; nothing removed")
+    print(f"removed {network} from {store.path}", file=out)
+    if network in LOOPBACK:
+        print(f"note: {network} is now refused by sources that require the whitelist", file=out)
+    return 0
+
+
+def _check(settings: Settings, out: TextIO) -> int:
+    policy = settings.policy
+    print(f"{settings.file}: OK", file=out)
+    up = settings.upstream
+    slots = "slot" if up.slots == 1 else "slots"
+    print(
+        f"listening on {settings.server.host}:{settings.server.port}, "
+        f"forwarding to {up.url} with {up.slots} {slots}",
+        file=out,
+    )
+    print("sources, first match wins (lower priority number is served first):", file=out)
+    width = max(len(s.name) for s in policy.sources)
+    for index, source in enumerate(policy.sources):
+        what = source.match.describe() if source.match else "everything"
+        extra = "  [requires whitelist]" if source.require_whitelist else ""
+        print(
+            f"  [{index}] {source.name:<{width}}  priority {source.priority:<3}  {what}{extra}",
+            file=out,
+        )
+    print(f"default_source: {policy.default.name}", file=out)
+    return 0
+
+
+async def _explain(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
+    try:
+        ip = parse_address(args.ip)
+    except ValueError as e:
+        raise Failure(str(e)) from e
+    headers: CIMultiDict[str] = CIMultiDict()
+    for header in args.header:
+        name, sep, value = header.partition(":")
+        if not sep or not name.strip():
+            raise Failure(f"--header {header!r} must look like 'Name: value'")
+        headers.add(name.strip(), value.strip())
+    store = WhitelistStore(settings.whitelist.database)
+    try:
+        whitelist = await store.load()
+        where = str(store.path)
+    except WhitelistError:
+        whitelist = NetworkSet.parse(LOOPBACK)
+        where = f"{store.path} does not exist yet; a new one holds loopback only"
+    route = classify(args.method.upper(), args.path)
+    whitelisted = ip in whitelist
+    decision = settings.policy.classify(
+        RequestFacts(ip, route.path, headers, args.model, whitelisted)
+    )
+    source = decision.source
+    print(f"source:    {source.name} (priority {source.priority})", file=out)
+    print(f"decided:   {decision.explain()}", file=out)
+    state = "is on" if whitelisted else "is not on"
+    print(f"whitelist: {ip} {state} the whitelist ({where})", file=out)
+    if source.require_whitelist and not whitelisted:
+        print(f"outcome:   refused with 403: {source.name!r} requires the whitelist", file=out)
+    elif route.queued:
+        print(f"outcome:   queued at priority {source.priority}, then forwarded", file=out)
+    else:
+        print("outcome:   forwarded at once (not an inference route, so never queued)", file=out)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

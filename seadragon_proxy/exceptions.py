@@ -1,0 +1,104 @@
+"""The errors seadragon-proxy raises; request errors carry the HTTP status they become.
+
+    SeadragonError
+    ├── ConfigError              the YAML file is wrong; names the file and the dotted key
+    ├── WhitelistError           the whitelist database cannot be read or written
+    └── RequestError             a request cannot be served (rendered once, in middlewares.py)
+        ├── BadRequest           400  body not a JSON object, model missing or not a string
+        ├── Forbidden            403  not whitelisted, admin route without the token
+        ├── PayloadTooLarge      413  body over server.max_body
+        ├── RequestTimeout       408  the client stopped sending its body
+        ├── UpstreamUnavailable  502  Ollama refuses connections or hung up before answering
+        ├── QueueFull            503  queue.max_size reached (Ollama's own message)
+        ├── QueueTimeout         503  waited longer than queue.max_wait
+        ├── ShuttingDown         503  the proxy is stopping
+        └── UpstreamTimeout      504  Ollama accepted the request but said nothing for idle_timeout
+
+Invalid addresses are plain ``ValueError``s from :mod:`seadragon_proxy.netaddr`.
+"""
+
+from __future__ import annotations
+
+
+class SeadragonError(Exception):
+    """Base of every error this package raises on purpose."""
+
+
+class ConfigError(SeadragonError):
+    """The configuration file cannot be used; the message names the file and the key."""
+
+    def __init__(self, file: str, key: str | None, problem: str) -> None:
+        self.file = file
+        self.key = key
+        self.problem = problem
+        where = f"{file}: {key}" if key else file
+        super().__init__(f"{where}: {problem}")
+
+
+class WhitelistError(SeadragonError):
+    """The whitelist database cannot be used; the message says what to do."""
+
+
+class RequestError(SeadragonError):
+    """A request that gets an error answer instead of being forwarded."""
+
+    status = 500
+    openai_type = "api_error"
+
+    def __init__(self, message: str, *, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+
+class BadRequest(RequestError):
+    status = 400
+    openai_type = "invalid_request_error"
+
+
+class Forbidden(RequestError):
+    status = 403
+    openai_type = "permission_error"
+
+
+class RequestTimeout(RequestError):
+    status = 408
+    openai_type = "invalid_request_error"
+
+
+class PayloadTooLarge(RequestError):
+    status = 413
+    openai_type = "invalid_request_error"
+
+
+class UpstreamUnavailable(RequestError):
+    status = 502
+
+    def __init__(self, message: str, *, reached: bool = False) -> None:
+        super().__init__(message)
+        self.reached = reached  # Ollama may have seen the request (it hung up before answering)
+
+
+class QueueFull(RequestError):
+    status = 503
+
+    # Ollama's own text, two spaces and all (server/sched.go ErrMaxQueue).
+    MESSAGE = "server busy, please try again.  maximum pending requests exceeded"
+
+    def __init__(self, *, retry_after: int) -> None:
+        super().__init__(self.MESSAGE, retry_after=retry_after)
+
+
+class QueueTimeout(RequestError):
+    status = 503
+
+
+class ShuttingDown(RequestError):
+    status = 503
+
+    def __init__(self) -> None:
+        super().__init__("seadragon-proxy is shutting down; try again shortly", retry_after=5)
+
+
+class UpstreamTimeout(RequestError):
+    status = 504

@@ -1,0 +1,65 @@
+"""Small aiohttp helpers shared by the handlers: who the client is, request ids, error bodies."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+
+from aiohttp import web
+
+from .exceptions import RequestError
+from .netaddr import IPAddress, client_address
+from .settings import Settings
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+REQUEST_ID = web.RequestKey("request_id", str)  # the id this request is logged under
+
+
+def client_ip(request: web.Request, settings: Settings) -> IPAddress | None:
+    """The TCP peer, or the right-most untrusted X-Forwarded-For hop behind a trusted proxy."""
+    return client_address(
+        request.remote,
+        request.headers.getall("X-Forwarded-For", ()),
+        settings.server.trusted_proxies,
+    )
+
+
+def request_id(request: web.Request) -> str:
+    """The caller's ``X-Request-Id`` when it is a sane token, else a fresh one; remembered
+    on the request so error answers carry it too."""
+    given = request.headers.get("X-Request-Id", "")
+    ident = given if _REQUEST_ID.match(given) else uuid.uuid4().hex[:16]
+    request[REQUEST_ID] = ident
+    return ident
+
+
+def wants_openai_errors(path: str) -> bool:
+    return path.startswith("/v1/")
+
+
+def error_body(error: RequestError, *, openai: bool) -> bytes:
+    if openai:
+        doc: object = {
+            "error": {
+                "message": error.message,
+                "type": error.openai_type,
+                "param": None,
+                "code": None,
+            }
+        }
+    else:
+        doc = {"error": error.message}
+    return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def error_response(error: RequestError, *, openai: bool) -> web.Response:
+    response = web.Response(
+        status=error.status,
+        body=error_body(error, openai=openai),
+        content_type="application/json",
+        charset="utf-8",
+    )
+    if error.retry_after is not None:
+        response.headers["Retry-After"] = str(error.retry_after)
+    return response

@@ -1,0 +1,163 @@
+"""The policy: ordered source rules that turn a request's facts into a source and a priority.
+
+Pure logic: no I/O, no aiohttp. The first rule whose ``match`` holds wins; a rule
+without ``match`` matches everything; no match means ``default_source``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from .netaddr import IPAddress, NetworkSet
+
+
+@dataclass(frozen=True, slots=True)
+class Glob:
+    """A case-insensitive shell glob (``*Continue*``), compiled once."""
+
+    pattern: str
+    regex: re.Pattern[str] = field(compare=False, repr=False)
+
+    @classmethod
+    def compile(cls, pattern: str) -> Glob:
+        return cls(pattern, re.compile(fnmatch.translate(pattern), re.IGNORECASE | re.DOTALL))
+
+    def matches(self, value: str) -> bool:
+        return self.regex.match(value) is not None
+
+
+def _first(globs: tuple[Glob, ...], value: str | None) -> Glob | None:
+    if value is None:
+        return None
+    for glob in globs:
+        if glob.matches(value):
+            return glob
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFacts:
+    """What the policy may look at. ``headers`` must be case-insensitive (a CIMultiDict)."""
+
+    client_ip: IPAddress
+    path: str
+    headers: Mapping[str, str]
+    model: str | None = None
+    whitelisted: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    """All given keys must hold; a tuple of globs holds if any of them matches."""
+
+    user_agent: tuple[Glob, ...] = ()
+    origin: tuple[Glob, ...] = ()
+    header: tuple[tuple[str, tuple[Glob, ...]], ...] = ()
+    client_ip: NetworkSet | None = None
+    path: tuple[Glob, ...] = ()
+    model: tuple[Glob, ...] = ()
+    whitelisted: bool | None = None
+
+    def evaluate(self, facts: RequestFacts) -> tuple[str, ...] | None:
+        """The reasons this match holds for ``facts``, or ``None`` if it does not."""
+        reasons: list[str] = []
+        checks = (
+            ("user_agent", self.user_agent, facts.headers.get("User-Agent")),
+            ("origin", self.origin, facts.headers.get("Origin")),
+            ("path", self.path, facts.path),
+            ("model", self.model, facts.model),
+        )
+        for key, globs, value in checks:
+            if globs:
+                hit = _first(globs, value)
+                if hit is None:
+                    return None
+                reasons.append(f"{key} {value!r} matches {hit.pattern!r}")
+        for name, globs in self.header:
+            value = facts.headers.get(name)
+            hit = _first(globs, value)
+            if hit is None:
+                return None
+            reasons.append(f"header {name} {value!r} matches {hit.pattern!r}")
+        if self.client_ip is not None:
+            if facts.client_ip not in self.client_ip:
+                return None
+            reasons.append(
+                f"client_ip {facts.client_ip} is in {', '.join(map(str, self.client_ip))}"
+            )
+        if self.whitelisted is not None:
+            if facts.whitelisted != self.whitelisted:
+                return None
+            state = "on" if facts.whitelisted else "not on"
+            reasons.append(f"client {facts.client_ip} is {state} the whitelist")
+        return tuple(reasons)
+
+    def describe(self) -> str:
+        parts = [
+            f"{key} {' | '.join(g.pattern for g in globs)}"
+            for key, globs in (
+                ("user_agent", self.user_agent),
+                ("origin", self.origin),
+                ("path", self.path),
+                ("model", self.model),
+            )
+            if globs
+        ]
+        parts += [f"header {n}: {' | '.join(g.pattern for g in globs)}" for n, globs in self.header]
+        if self.client_ip is not None:
+            parts.append(f"client_ip {' | '.join(map(str, self.client_ip))}")
+        if self.whitelisted is not None:
+            parts.append(f"whitelisted {str(self.whitelisted).lower()}")
+        return "; ".join(parts) if parts else "everything"
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    name: str
+    priority: int
+    match: Match | None = None
+    require_whitelist: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The outcome of classification: the source, and why (for ``explain`` and logs)."""
+
+    source: Source
+    rule_index: int | None  # position in ``sources``; None when default_source decided
+    reasons: tuple[str, ...]
+
+    @property
+    def priority(self) -> int:
+        return self.source.priority
+
+    def explain(self) -> str:
+        if self.rule_index is None:
+            return f"no rule matched, so default_source {self.source.name!r} applies"
+        why = (
+            "; ".join(self.reasons)
+            if self.reasons
+            else "the rule has no match, so it matches everything"
+        )
+        return f"rule sources[{self.rule_index}] {self.source.name!r} matched: {why}"
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    sources: tuple[Source, ...]
+    default: Source
+
+    def classify(self, facts: RequestFacts) -> Decision:
+        for index, source in enumerate(self.sources):
+            if source.match is None:
+                return Decision(source, index, ())
+            reasons = source.match.evaluate(facts)
+            if reasons is not None:
+                return Decision(source, index, reasons)
+        return Decision(self.default, None, ())
+
+    def source(self, name: str) -> Source | None:
+        return next((s for s in self.sources if s.name == name), None)

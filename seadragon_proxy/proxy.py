@@ -1,0 +1,316 @@
+"""The catch-all handler: classify, check the whitelist, wait for a turn, forward, stream back.
+
+Bodies on JSON routes are read (bounded) and forwarded as the same bytes; other
+bodies, and every response, stream through chunk by chunk as they arrive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from .exceptions import (
+    Forbidden,
+    PayloadTooLarge,
+    RequestTimeout,
+    UpstreamUnavailable,
+)
+from .httputil import client_ip, request_id
+from .live import Live
+from .logs import bind_request
+from .payload import inspect_json
+from .policy import RequestFacts
+from .record import Recorder, RequestRecord
+from .routes import Route, classify
+from .scheduler import Scheduler, Slot, Ticket
+from .upstream import Health, Upstream, request_headers, response_headers
+from .usage import UsageTail
+
+SHUTDOWN_MESSAGE = "seadragon-proxy is shutting down"
+
+
+async def read_body(content: aiohttp.StreamReader, limit: int, idle: float) -> bytes:
+    """The whole body, refusing it once it passes ``limit`` bytes or goes quiet for ``idle`` s."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        try:
+            async with asyncio.timeout(idle):
+                chunk = await content.readany()
+        except TimeoutError:
+            raise RequestTimeout(
+                f"the request body stopped arriving for server.body_timeout ({idle:g} s)"
+            ) from None
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(_too_large(limit))
+        chunks.append(chunk)
+
+
+async def stream_body(content: aiohttp.StreamReader, idle: float) -> AsyncIterator[bytes]:
+    """Pass a body through as it arrives (blob uploads can be many GB)."""
+    while True:
+        try:
+            async with asyncio.timeout(idle):
+                chunk = await content.readany()
+        except TimeoutError:
+            raise RequestTimeout(
+                f"the request body stopped arriving for server.body_timeout ({idle:g} s)"
+            ) from None
+        if not chunk:
+            return
+        yield chunk
+
+
+def _too_large(limit: int) -> str:
+    return f"request body is larger than server.max_body ({limit} bytes)"
+
+
+def stream_error_line(content_type: str, message: str) -> bytes | None:
+    """The one line that tells a streaming client the stream failed, in its own framing."""
+    if content_type.startswith("application/x-ndjson"):
+        return json.dumps({"error": message}).encode() + b"\n"
+    if content_type.startswith("text/event-stream"):
+        error = {"message": message, "type": "api_error", "param": None, "code": None}
+        return b"data: " + json.dumps({"error": error}).encode() + b"\n\n"
+    return None
+
+
+class Proxy:
+    """Holds what the handler needs; ``handle`` is the aiohttp handler."""
+
+    def __init__(
+        self, live: Live, scheduler: Scheduler, upstream: Upstream, recorder: Recorder
+    ) -> None:
+        self.live = live
+        self.scheduler = scheduler
+        self.upstream = upstream
+        self.recorder = recorder
+        self.active: set[asyncio.Task[object]] = set()
+        self.stopping = False
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        settings = self.live.settings
+        route = classify(request.method, request.path)
+        ip = client_ip(request, settings)
+        record = RequestRecord(
+            id=request_id(request), method=request.method, route=route.path, client_ip=str(ip)
+        )
+        bind_request(request_id=record.id, client_ip=record.client_ip)
+        task = asyncio.current_task()
+        assert task is not None
+        self.active.add(task)
+        try:
+            return await self._serve(request, route, record)
+        except asyncio.CancelledError:
+            record.hung_up = not self.stopping
+            record.error = record.error or ("shutdown" if self.stopping else "client hung up")
+            raise
+        except Exception as e:
+            status = getattr(e, "status", 500)
+            record.status = status if isinstance(status, int) else 500
+            record.error = getattr(e, "message", None) or repr(e)
+            raise
+        finally:
+            self.active.discard(task)
+            self.recorder.emit(record)
+
+    async def _serve(
+        self, request: web.Request, route: Route, record: RequestRecord
+    ) -> web.StreamResponse:
+        settings = self.live.settings
+        ip = client_ip(request, settings)
+        if ip is None:
+            raise Forbidden("cannot tell the client's address")
+        body: bytes | None = None
+        model: str | None = None
+        if route.reads_json:
+            if (
+                request.content_length is not None
+                and request.content_length > settings.server.max_body
+            ):
+                raise PayloadTooLarge(_too_large(settings.server.max_body))
+            body = await read_body(
+                request.content, settings.server.max_body, settings.server.body_timeout
+            )
+            model = inspect_json(body, require_model=route.queued).model
+        record.model = model
+        whitelisted = ip in self.live.whitelist
+        facts = RequestFacts(ip, route.path, request.headers, model, whitelisted)
+        decision = settings.policy.classify(facts)
+        source = decision.source
+        record.source, record.priority = source.name, source.priority
+        if source.require_whitelist and not whitelisted:
+            raise Forbidden(
+                f"client {ip} is not on the whitelist, which source {source.name!r} requires "
+                f"(an administrator can run: seadragon-proxy whitelist add {ip})"
+            )
+        headers = request_headers(request.headers)
+        data: bytes | AsyncIterator[bytes] | None = body
+        if body is None and request.body_exists:
+            data = stream_body(request.content, settings.server.body_timeout)
+            if request.content_length is not None:
+                headers["Content-Length"] = str(request.content_length)
+        if not route.queued:
+            started = self.scheduler.now()
+            response = await self._send(request, route, headers, data, retry=body is not None)
+            return await self._relay(request, response, None, record, started)
+        ticket = Ticket(
+            id=record.id,
+            source=source.name,
+            priority=source.priority,
+            path=route.path,
+            model=model,
+            client_ip=str(ip),
+        )
+        record.queued = True
+        retried = False
+        while True:
+            slot = await self.scheduler.acquire(ticket)
+            record.queue_wait = ticket.started_at - ticket.enqueued_at
+            started = ticket.started_at
+            try:
+                response = await self._send(request, route, headers, data, retry=False)
+            except UpstreamUnavailable as e:
+                slot.release()
+                if not e.reached and self.upstream.health is Health.DOWN:
+                    continue  # Ollama is restarting: wait for it, keeping our place
+                if e.reached and not retried:
+                    retried = True  # a stale keep-alive connection, or a restart: once more
+                    continue
+                raise
+            except BaseException:
+                slot.release()
+                raise
+            return await self._relay(request, response, slot, record, started)
+
+    async def _send(
+        self,
+        request: web.Request,
+        route: Route,
+        headers: CIMultiDict[str],
+        data: bytes | AsyncIterator[bytes] | None,
+        *,
+        retry: bool,
+    ) -> aiohttp.ClientResponse:
+        """Send upstream; with ``retry``, once more if Ollama hung up before answering."""
+        send = self.upstream.send
+        try:
+            return await send(request.method, route.path, request.query_string, headers, data)
+        except UpstreamUnavailable as e:
+            if not (retry and e.reached):
+                raise
+        return await send(request.method, route.path, request.query_string, headers, data)
+
+    async def _relay(
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        slot: Slot | None,
+        record: RequestRecord,
+        started: float,
+    ) -> web.StreamResponse:
+        """Stream Ollama's answer back unchanged; free the slot at its last byte."""
+        response = web.StreamResponse(
+            status=upstream.status,
+            reason=upstream.reason,
+            headers=response_headers(upstream.headers),
+        )
+        response.headers["X-Request-Id"] = record.id
+        if upstream.content_length is not None and "chunked" not in upstream.headers.get(
+            "Transfer-Encoding", ""
+        ):
+            response.content_length = upstream.content_length
+        record.status = upstream.status
+        tail = UsageTail() if slot is not None else None
+        finished = False
+        try:
+            await response.prepare(request)
+            content = upstream.content
+            while True:
+                try:
+                    chunk = await content.readany()
+                except (aiohttp.ClientError, TimeoutError) as e:
+                    await self._fail_stream(request, response, upstream, record, e)
+                    return response
+                if not chunk:
+                    break
+                if tail is not None:
+                    tail.feed(chunk)
+                await response.write(chunk)
+                record.bytes_out += len(chunk)
+            finished = True
+            upstream.release()  # the connection goes back to the pool before the slot is handed on
+            if slot is not None:
+                slot.release()
+            record.upstream_time = self.scheduler.now() - started
+            if tail is not None:
+                record.usage = tail.usage()
+            await response.write_eof()
+            return response
+        except asyncio.CancelledError:
+            if self.stopping and response.prepared:
+                await self._end_for_shutdown(response, upstream)
+            raise
+        except ConnectionError:
+            record.hung_up = True  # the write failed: the client is gone
+            record.error = "client hung up"
+            return response
+        finally:
+            if not finished:
+                upstream.close()  # Ollama sees the hang-up and stops generating
+            if slot is not None:
+                slot.release()
+            if not record.upstream_time:
+                record.upstream_time = self.scheduler.now() - started
+
+    async def _end_for_shutdown(
+        self, response: web.StreamResponse, upstream: aiohttp.ClientResponse
+    ) -> None:
+        """The grace period is over: end the stream properly, with an error line if it can
+        carry one, so the client sees a clean error rather than a broken connection."""
+        upstream.close()
+        line = stream_error_line(upstream.content_type, SHUTDOWN_MESSAGE)
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(1):
+                if line is not None and response.content_length is None:
+                    await response.write(line)
+                await response.write_eof()
+
+    async def _fail_stream(
+        self,
+        request: web.Request,
+        response: web.StreamResponse,
+        upstream: aiohttp.ClientResponse,
+        record: RequestRecord,
+        error: BaseException,
+    ) -> None:
+        """Ollama broke off mid-stream: one error line in the stream's framing, then the end."""
+        if isinstance(error, TimeoutError):
+            message = (
+                f"Ollama at {self.upstream.url} sent nothing for upstream.idle_timeout "
+                f"({self.upstream.settings.idle_timeout:g} s)"
+            )
+        else:
+            message = f"Ollama at {self.upstream.url} broke off the response: {error}"
+        record.error = message
+        upstream.close()
+        line = stream_error_line(upstream.content_type, message)
+        if line is None or response.content_length is not None:
+            # No framing to carry an error (a JSON body of announced length): cut the
+            # connection, so the client sees a truncated response rather than a short one.
+            if request.transport is not None:
+                request.transport.close()
+            return
+        with contextlib.suppress(ConnectionError):
+            await response.write(line)
+            record.bytes_out += len(line)
+            await response.write_eof()

@@ -1,0 +1,75 @@
+"""One record per request, filled in as it is handled and emitted once when it ends:
+the canonical log line, and whatever else listens (metrics, history)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import structlog
+
+from .usage import Usage
+
+log = structlog.get_logger("seadragon.request")
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    id: str
+    method: str
+    route: str
+    client_ip: str
+    started_at: float = field(default_factory=time.time)  # wall clock, for history
+    source: str | None = None
+    priority: int | None = None
+    model: str | None = None
+    queued: bool = False
+    status: int = 0
+    queue_wait: float = 0.0
+    upstream_time: float = 0.0
+    bytes_out: int = 0
+    usage: Usage | None = None
+    hung_up: bool = False
+    error: str | None = None
+
+    def fields(self) -> dict[str, object]:
+        """The canonical line's key/values; zero-information fields are left out."""
+        out: dict[str, object] = {
+            "method": self.method,
+            "route": self.route,
+            "status": self.status,
+            "source": self.source,
+            "priority": self.priority,
+            "model": self.model,
+            "bytes": self.bytes_out,
+            "upstream_time": round(self.upstream_time, 4),
+        }
+        if self.queued:
+            out["queue_wait"] = round(self.queue_wait, 4)
+        if self.usage is not None:
+            out["eval_count"] = self.usage.eval_count
+            out["prompt_eval_count"] = self.usage.prompt_eval_count
+            if self.usage.tokens_per_second is not None:
+                out["tokens_per_second"] = round(self.usage.tokens_per_second, 2)
+        if self.hung_up:
+            out["hung_up"] = True
+        if self.error:
+            out["error"] = self.error
+        return out
+
+
+RecordListener = Callable[[RequestRecord], None]
+
+
+class Recorder:
+    """Emits each finished record to the log and to every listener."""
+
+    def __init__(self) -> None:
+        self.listeners: list[RecordListener] = []
+
+    def emit(self, record: RequestRecord) -> None:
+        # request_id and client_ip come from the bound context (logs.bind_request).
+        log.info("request", **record.fields())
+        for listener in self.listeners:
+            listener(record)

@@ -1,0 +1,110 @@
+"""Running the app: listen, reload on SIGHUP, and stop gracefully on SIGTERM/SIGINT —
+refuse the queue with 503, let in-flight streams finish within the grace period, exit 0."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from dataclasses import dataclass
+
+import structlog
+from aiohttp import web
+
+from .app import create_app
+from .exceptions import ShuttingDown
+from .settings import Settings
+from .typedefs import LIVE, PROXY, SCHEDULER
+
+log = structlog.get_logger("seadragon.server")
+
+
+@dataclass
+class RunningServer:
+    app: web.Application
+    runner: web.AppRunner
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    async def stop(self) -> None:
+        """Stop listening, refuse the queue, give in-flight requests the grace period."""
+        proxy = self.app[PROXY]
+        scheduler = self.app[SCHEDULER]
+        grace = self.app[LIVE].settings.server.shutdown_grace
+        for site in list(self.runner.sites):
+            await site.stop()
+        if self.runner.server is not None:
+            self.runner.server.pre_shutdown()  # close idle keep-alive connections
+        proxy.stopping = True
+        refused = scheduler.close(ShuttingDown)
+        active = set(proxy.active)  # refused waiters are among them and end at once
+        log.info("shutting_down", refused=refused, in_flight=len(active) - refused, grace=grace)
+        if active:
+            _, pending = await asyncio.wait(active, timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+        await self.runner.cleanup()
+
+
+async def start_server(settings: Settings) -> RunningServer:
+    """Start listening; raises ``WhitelistError``/``OSError`` if that is impossible."""
+    app = create_app(settings)
+    runner = web.AppRunner(
+        app,
+        handle_signals=False,
+        handler_cancellation=True,  # a client that hangs up cancels its handler at once
+        access_log=None,  # the canonical request line replaces it
+        keepalive_timeout=settings.server.header_timeout,  # also bounds slow headers
+        shutdown_timeout=1.0,  # in-flight work is waited for in RunningServer.stop
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, settings.server.host, settings.server.port)
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    port = runner.addresses[0][1]  # the port actually bound (port 0 picks a free one)
+    return RunningServer(app=app, runner=runner, host=settings.server.host, port=port)
+
+
+async def serve(settings: Settings) -> int:
+    """Run until SIGTERM or SIGINT; returns the exit status."""
+    server = await start_server(settings)
+    live = server.app[LIVE]
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    reloads: set[asyncio.Task[object]] = set()
+
+    def reload() -> None:
+        log.info("sighup", action="reload config and whitelist")
+        for job in (live.reload_config(), live.reload_whitelist()):
+            task: asyncio.Task[object] = asyncio.create_task(job)
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    log.info(
+        "listening",
+        url=server.url,
+        upstream=str(settings.upstream.url),
+        slots=settings.upstream.slots,
+        config=str(settings.file),
+        sources=[s.name for s in settings.policy.sources],
+    )
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        await server.stop()
+    log.info("stopped")
+    return 0

@@ -1,0 +1,17 @@
+"""Every ``web.AppKey`` in one place: the typed state the aiohttp glue shares."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from .live import Live
+from .proxy import Proxy
+from .record import Recorder
+from .scheduler import Scheduler
+from .upstream import Upstream
+
+LIVE = web.AppKey("live", Live)
+SCHEDULER = web.AppKey("scheduler", Scheduler)
+UPSTREAM = web.AppKey("upstream", Upstream)
+RECORDER = web.AppKey("recorder", Recorder)
+PROXY = web.AppKey("proxy", Proxy)

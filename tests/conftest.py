@@ -1,0 +1,183 @@
+"""Shared fixtures: a fake Ollama on a real port, and the proxy started the way
+``seadragon-proxy serve`` starts it, from a YAML file written for each test."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+
+from seadragon_proxy.fake_ollama import FakeOllama
+from seadragon_proxy.live import Live
+from seadragon_proxy.scheduler import Scheduler, Ticket
+from seadragon_proxy.server import RunningServer, start_server
+from seadragon_proxy.settings import load_settings
+from seadragon_proxy.typedefs import LIVE, SCHEDULER
+
+MODEL = "llama3:70b"
+
+# Sources keyed on a header the tests set; loopback is whitelisted by the seed.
+BASE_CONFIG: dict[str, Any] = {
+    "server": {"host": "127.0.0.1", "port": 0, "trusted_proxies": ["127.0.0.1"]},
+    "upstream": {"slots": 1, "connect_timeout": 2, "idle_timeout": 30, "unreachable_wait": 5},
+    "queue": {"max_size": 512, "max_wait": 0, "aging": 0},
+    "cors": {"allow_origins": ["https://chat.example.com"]},
+    "sources": [
+        {"name": "coding", "priority": 0, "match": {"header": {"X-Test-Source": "coding"}}},
+        {"name": "chat", "priority": 5, "match": {"header": {"X-Test-Source": "chat"}}},
+        {"name": "scripts", "priority": 8, "match": {"header": {"X-Test-Source": "scripts"}}},
+        {"name": "direct_api", "priority": 10, "require_whitelist": True},
+    ],
+    "default_source": "direct_api",
+}
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+class Watch:
+    """Wakes a test when the scheduler changes, so it can wait for a state without sleeping."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+        self.events: list[tuple[str, Ticket]] = []
+        self._changed = asyncio.Event()
+        scheduler.add_listener(self._on_event)
+
+    def _on_event(self, event: str, ticket: Ticket) -> None:
+        self.events.append((event, ticket))
+        self._changed.set()
+
+    async def until(self, predicate: Callable[[], bool], timeout: float = 10) -> None:
+        async with asyncio.timeout(timeout):
+            while not predicate():
+                self._changed.clear()
+                await self._changed.wait()
+
+    async def queued(self, count: int) -> None:
+        await self.until(lambda: self.scheduler.queue_length == count)
+
+
+@dataclass
+class Proxy:
+    server: RunningServer
+    fake: FakeOllama
+    config_path: Path
+    config: dict[str, Any]
+    session: aiohttp.ClientSession
+    watch: Watch
+    reloads: list[tuple[str, bool]] = field(default_factory=list)
+    _reloaded: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
+    def scheduler(self) -> Scheduler:
+        return self.server.app[SCHEDULER]
+
+    @property
+    def live(self) -> Live:
+        return self.server.app[LIVE]
+
+    def on_reload(self, what: str, ok: bool) -> None:
+        self.reloads.append((what, ok))
+        self._reloaded.set()
+
+    async def next_reload(
+        self, what: str, action: Callable[[], object], timeout: float = 5
+    ) -> bool:
+        """Run ``action`` and wait for the reload of ``what`` it causes; return its outcome."""
+        before = len(self.reloads)
+        self._reloaded.clear()
+        result = action()
+        if asyncio.iscoroutine(result):
+            await result
+        async with asyncio.timeout(timeout):
+            while True:
+                for kind, ok in self.reloads[before:]:
+                    if kind == what:
+                        return ok
+                self._reloaded.clear()
+                await self._reloaded.wait()
+
+    def write_config(self, override: dict[str, Any]) -> None:
+        self.config = merge(self.config, override)
+        self.config_path.write_text(yaml.safe_dump(self.config))
+
+    async def post(self, path: str, body: Any, **headers: str) -> aiohttp.ClientResponse:
+        return await self.session.post(self.url + path, json=body, headers=headers)
+
+    def generate(self, prompt: str, source: str | None = None, **extra: Any) -> Awaitable[Any]:
+        """A streamed generate; returns the decoded lines."""
+        headers = {"X-Test-Source": source} if source else {}
+        return self.collect("/api/generate", {"model": MODEL, "prompt": prompt, **extra}, headers)
+
+    async def collect(self, path: str, body: Any, headers: dict[str, str]) -> tuple[int, Any]:
+        import json
+
+        async with self.session.post(self.url + path, json=body, headers=headers) as r:
+            raw = await r.read()
+            if r.content_type == "application/x-ndjson":
+                return r.status, [json.loads(line) for line in raw.splitlines()]
+            return r.status, json.loads(raw) if raw else None
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeOllama]:
+    fake = FakeOllama()
+    await fake.start()
+    yield fake
+    for gate in list(fake._gates.values()):
+        gate.set()
+    await fake.stop()
+
+
+ProxyFactory = Callable[..., Awaitable[Proxy]]
+
+
+@pytest.fixture
+async def make_proxy(fake: FakeOllama, tmp_path: Path) -> AsyncIterator[ProxyFactory]:
+    started: list[Proxy] = []
+
+    async def factory(
+        override: dict[str, Any] | None = None, *, upstream: str | None = None
+    ) -> Proxy:
+        config = merge(BASE_CONFIG, override or {})
+        config["upstream"]["url"] = upstream or fake.url
+        config.setdefault("whitelist", {})["database"] = str(tmp_path / "data" / "seadragon.db")
+        path = tmp_path / "seadragon.yaml"
+        path.write_text(yaml.safe_dump(config))
+        server = await start_server(load_settings(path))
+        session = aiohttp.ClientSession()
+        proxy = Proxy(server, fake, path, config, session, Watch(server.app[SCHEDULER]))
+        server.app[LIVE].listeners.append(proxy.on_reload)
+        started.append(proxy)
+        return proxy
+
+    yield factory
+    for gate in list(fake._gates.values()):
+        gate.set()
+    for proxy in started:
+        await proxy.session.close()
+        await proxy.server.stop()
+
+
+@pytest.fixture
+async def proxy(make_proxy: ProxyFactory) -> Proxy:
+    return await make_proxy()

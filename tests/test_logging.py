@@ -1,0 +1,104 @@
+"""One canonical line per request, with what an operator needs, and never a secret."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import pytest
+import structlog
+from structlog.contextvars import merge_contextvars
+from structlog.testing import capture_logs
+
+from seadragon_proxy.logs import configure_logging, redact_secrets
+from seadragon_proxy.settings import LogSettings
+
+from .conftest import MODEL, Proxy, ProxyFactory
+
+
+def request_lines(logs: list[dict[str, object]]) -> list[dict[str, object]]:
+    return [e for e in logs if e["event"] == "request"]
+
+
+async def test_generation_line_has_the_canonical_fields(proxy: Proxy) -> None:
+    with capture_logs(processors=[merge_contextvars]) as logs:
+        status, _ = await proxy.generate("hello", "chat", options={"num_predict": 7})
+    assert status == 200
+    (line,) = request_lines(logs)
+    assert line["request_id"] and line["client_ip"] == "127.0.0.1"
+    assert (line["source"], line["priority"]) == ("chat", 5)
+    assert (line["method"], line["route"], line["model"], line["status"]) == (
+        "POST",
+        "/api/generate",
+        MODEL,
+        200,
+    )
+    assert line["eval_count"] == 7 and line["prompt_eval_count"] == 12
+    assert line["tokens_per_second"] == 50.0
+    assert isinstance(line["queue_wait"], float) and isinstance(line["upstream_time"], float)
+    assert line["bytes"] > 0 and line["log_level"] == "info"
+
+
+async def test_openai_stream_usage_is_counted(proxy: Proxy) -> None:
+    with capture_logs() as logs:
+        async with proxy.session.post(
+            proxy.url + "/v1/chat/completions",
+            json={
+                "model": MODEL,
+                "messages": [{"role": "user", "content": "x"}],
+                "stream": True,
+                "stream_options": {"include_usage": True},
+                "max_tokens": 4,
+            },
+        ) as r:
+            await r.read()
+    assert request_lines(logs)[0]["eval_count"] == 4
+
+
+async def test_refusals_and_hangups_are_logged(proxy: Proxy) -> None:
+    with capture_logs() as logs:
+        async with proxy.session.post(proxy.url + "/api/chat", data=b"{") as r:
+            assert r.status == 400
+        async with proxy.session.get(
+            proxy.url + "/api/tags", headers={"X-Forwarded-For": "203.0.113.1"}
+        ) as r:
+            assert r.status == 403
+    bad, refused = request_lines(logs)
+    assert bad["status"] == 400 and "invalid JSON" in str(bad["error"])
+    assert refused["status"] == 403 and refused["source"] == "direct_api"
+
+
+async def test_tokens_never_reach_the_log(
+    make_proxy: ProxyFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TEST_ADMIN_TOKEN", "admin-secret-value")
+    proxy = await make_proxy({"admin": {"token_env": "TEST_ADMIN_TOKEN"}})
+    out = io.StringIO()
+    configure_logging(LogSettings(format="json", level="debug"), stream=out)
+    try:
+        headers = {"Authorization": "Bearer client-secret-value"}
+        await proxy.generate("x")
+        async with proxy.session.get(proxy.url + "/api/tags", headers=headers) as r:
+            await r.read()
+        async with proxy.session.get(proxy.url + "/api/admin/queue", headers=headers) as r:
+            assert r.status == 403
+        structlog.get_logger("t").info("oops", authorization="Bearer leaked", token="leaked")
+    finally:
+        structlog.reset_defaults()
+        logging.getLogger().handlers.clear()
+    text = out.getvalue()
+    assert text and "secret-value" not in text and "leaked" not in text
+    lines = [json.loads(line) for line in text.splitlines()]  # JSON when not a terminal
+    assert any(line.get("event") == "request" for line in lines)
+    assert lines[-1]["authorization"] == "[redacted]"
+
+
+def test_redaction_processor_ignores_case() -> None:
+    event = {"event": "x", "Authorization": "Bearer a", "token": "t", "model": "m"}
+    assert redact_secrets(None, "info", event) == {
+        "event": "x",
+        "Authorization": "[redacted]",
+        "token": "[redacted]",
+        "model": "m",
+    }

@@ -1,0 +1,241 @@
+"""The scheduler on its own: order, limits, cancellation and pausing, without HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import pytest
+
+from seadragon_proxy.exceptions import QueueFull, QueueTimeout, ShuttingDown, UpstreamUnavailable
+from seadragon_proxy.scheduler import Scheduler, Slot, State, Ticket
+
+_ids = itertools.count()
+
+
+def ticket(source: str = "s", priority: int = 0) -> Ticket:
+    return Ticket(
+        id=f"t{next(_ids)}",
+        source=source,
+        priority=priority,
+        path="/api/chat",
+        model="m",
+        client_ip="127.0.0.1",
+    )
+
+
+class Harness:
+    """Queues tickets as tasks and records the order in which they are granted."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+        self.granted: list[Ticket] = []
+        self.slots: dict[Ticket, Slot] = {}
+        self.tasks: dict[Ticket, asyncio.Task[Slot]] = {}
+
+    async def enter(self, t: Ticket) -> asyncio.Task[Slot]:
+        async def run() -> Slot:
+            slot = await self.scheduler.acquire(t)
+            self.granted.append(t)
+            self.slots[t] = slot
+            return slot
+
+        task = asyncio.create_task(run())
+        self.tasks[t] = task
+        await asyncio.sleep(0)  # let it reach the queue (one step, not a timing wait)
+        return task
+
+    async def finish(self, t: Ticket) -> None:
+        await self.tasks[t]
+        self.slots[t].release()
+        await asyncio.sleep(0)
+
+
+async def test_lower_priority_number_first_fifo_within() -> None:
+    s = Scheduler(slots=1, max_size=100)
+    h = Harness(s)
+    blocker = ticket(priority=99)
+    await h.enter(blocker)
+    order = [ticket("b", 5), ticket("a", 0), ticket("c", 8), ticket("a", 0), ticket("b", 5)]
+    for t in order:
+        await h.enter(t)
+    assert s.queue_length == 5
+    assert [t.priority for t in s.queued()] == [0, 0, 5, 5, 8]
+    await h.finish(blocker)
+    for _ in order:
+        await h.finish(h.granted[-1])
+    assert h.granted[1:] == [order[1], order[3], order[0], order[4], order[2]]
+
+
+async def test_first_arrival_runs_at_once_without_queueing() -> None:
+    s = Scheduler(slots=2, max_size=1)
+    slot_a = await s.acquire(ticket())
+    slot_b = await s.acquire(ticket())
+    assert (s.in_flight, s.queue_length) == (2, 0)
+    slot_a.release()
+    slot_a.release()  # idempotent
+    assert s.in_flight == 1
+    slot_b.release()
+
+
+async def test_never_more_than_slots_in_flight() -> None:
+    s = Scheduler(slots=3, max_size=100)
+    h = Harness(s)
+    peak = 0
+
+    def listener(event: str, _t: Ticket) -> None:
+        nonlocal peak
+        peak = max(peak, s.in_flight)
+
+    s.add_listener(listener)
+    tickets = [ticket() for _ in range(10)]
+    for t in tickets:
+        await h.enter(t)
+    assert s.in_flight == 3 and s.queue_length == 7
+    while len(h.granted) < 10 or s.in_flight:
+        await h.finish(next(t for t in h.granted if not h.slots[t].released))
+    assert peak == 3
+
+
+async def test_queue_full_answers_with_ollamas_message() -> None:
+    s = Scheduler(slots=1, max_size=2)
+    h = Harness(s)
+    for _ in range(3):
+        await h.enter(ticket())
+    with pytest.raises(QueueFull) as caught:
+        await s.acquire(ticket())
+    assert (
+        caught.value.message == "server busy, please try again.  maximum pending requests exceeded"
+    )
+    assert caught.value.retry_after is not None and caught.value.retry_after >= 1
+
+
+async def test_max_wait_fails_the_waiter_and_frees_its_place() -> None:
+    s = Scheduler(slots=1, max_size=10, max_wait=0.05)
+    h = Harness(s)
+    await h.enter(ticket())
+    late = ticket()
+    task = await h.enter(late)
+    with pytest.raises(QueueTimeout, match=r"queue\.max_wait"):
+        await task
+    assert s.queue_length == 0 and late.state is State.DONE
+
+
+async def test_cancelled_waiter_is_removed_and_never_granted() -> None:
+    s = Scheduler(slots=1, max_size=10)
+    h = Harness(s)
+    first = ticket()
+    await h.enter(first)
+    gone, kept = ticket(), ticket()
+    await h.enter(gone)
+    await h.enter(kept)
+    h.tasks[gone].cancel()
+    await asyncio.sleep(0)
+    assert s.queue_length == 1
+    await h.finish(first)
+    await h.tasks[kept]
+    assert h.granted == [first, kept]
+
+
+async def test_waiter_cancelled_just_after_being_woken_passes_its_turn_on() -> None:
+    """Granted and cancelled in the same loop step: the slot must go to the next one."""
+    s = Scheduler(slots=1, max_size=10)
+    h = Harness(s)
+    first, unlucky, next_one = ticket(), ticket(), ticket()
+    await h.enter(first)
+    await h.enter(unlucky)
+    await h.enter(next_one)
+    h.slots[first] = await h.tasks[first]
+    h.slots[first].release()  # wakes `unlucky` (its future is resolved) ...
+    h.tasks[unlucky].cancel()  # ... but it is cancelled before it runs
+    with pytest.raises(asyncio.CancelledError):
+        await h.tasks[unlucky]
+    await h.tasks[next_one]
+    assert h.granted == [first, next_one]
+    assert s.in_flight == 1
+
+
+async def test_aging_lets_old_low_priority_work_through() -> None:
+    """With aging=1 s per level, a priority-5 request that has waited 10 s beats a fresh 0."""
+    clock = [100.0]
+    s = Scheduler(slots=1, max_size=10, aging=1.0, clock=lambda: clock[0])
+    h = Harness(s)
+    await h.enter(ticket(priority=0))
+    old = ticket("batch", 5)
+    await h.enter(old)
+    clock[0] += 10
+    fresh = ticket("coding", 0)
+    await h.enter(fresh)
+    assert s.queued() == [old, fresh]
+    assert s.effective_priority(old, clock[0]) == pytest.approx(-5)
+
+
+async def test_reconfigure_aging_reorders_the_waiting() -> None:
+    clock = [0.0]
+    s = Scheduler(slots=1, max_size=10, clock=lambda: clock[0])
+    h = Harness(s)
+    await h.enter(ticket())
+    old = ticket("batch", 5)
+    await h.enter(old)
+    clock[0] += 10
+    fresh = ticket("coding", 0)
+    await h.enter(fresh)
+    assert s.queued() == [fresh, old]
+    s.reconfigure(max_size=10, max_wait=0, aging=1.0)
+    assert s.queued() == [old, fresh]
+
+
+async def test_pause_holds_waiters_in_place_and_resume_serves_them() -> None:
+    s = Scheduler(slots=1, max_size=10)
+    h = Harness(s)
+    first, second = ticket(), ticket()
+    await h.enter(first)
+    await h.enter(second)
+    s.pause()
+    await h.finish(first)
+    assert s.in_flight == 0 and s.queue_length == 1  # free slot, but paused
+    s.resume()
+    await h.tasks[second]
+    assert h.granted == [first, second]
+
+
+async def test_returning_ticket_keeps_its_place_ahead_of_later_arrivals() -> None:
+    s = Scheduler(slots=1, max_size=1)
+    a = ticket(priority=5)
+    slot = await s.acquire(a)
+    h = Harness(s)
+    later = ticket(priority=5)
+    await h.enter(later)
+    s.pause()
+    slot.release()  # as if Ollama refused the connection: a goes back in line
+    back = asyncio.create_task(s.acquire(a))
+    await asyncio.sleep(0)
+    assert s.queued() == [a, later]  # max_size=1 did not refuse the returning ticket
+    s.resume()
+    assert (await back).ticket is a
+
+
+async def test_reject_waiting_and_close() -> None:
+    s = Scheduler(slots=1, max_size=10)
+    h = Harness(s)
+    await h.enter(ticket())
+    waiting = [await h.enter(ticket()) for _ in range(3)]
+    assert s.reject_waiting(lambda: UpstreamUnavailable("down")) == 3
+    for task in waiting:
+        with pytest.raises(UpstreamUnavailable):
+            await task
+    assert s.close(ShuttingDown) == 0
+    with pytest.raises(ShuttingDown):
+        await s.acquire(ticket())
+
+
+async def test_heap_is_compacted_after_many_cancellations() -> None:
+    s = Scheduler(slots=1, max_size=1000)
+    h = Harness(s)
+    await h.enter(ticket())
+    tasks = [await h.enter(ticket()) for _ in range(200)]
+    for task in tasks[:-1]:
+        task.cancel()
+    await asyncio.sleep(0)
+    assert s.queue_length == 1
+    assert len(s._heap) < 100

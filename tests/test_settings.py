@@ -1,0 +1,199 @@
+"""Loading the YAML file: defaults, the shipped config, and errors that name file and key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from seadragon_proxy.exceptions import ConfigError
+from seadragon_proxy.settings import config_path, load_settings, parse_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+MINIMAL = {"sources": [{"name": "all", "priority": 1}], "default_source": "all"}
+
+
+def write(tmp_path: Path, doc: object) -> Path:
+    path = tmp_path / "seadragon.yaml"
+    path.write_text(doc if isinstance(doc, str) else yaml.safe_dump(doc))
+    return path
+
+
+def test_shipped_config_loads_with_the_documented_values() -> None:
+    settings = load_settings(ROOT / "config" / "seadragon.yaml")
+    assert (settings.server.host, settings.server.port) == ("127.0.0.1", 11435)
+    assert str(settings.upstream.url) == "http://127.0.0.1:11434"
+    assert settings.upstream.slots == 1
+    assert (settings.queue.max_size, settings.queue.max_wait, settings.queue.aging) == (512, 0, 0)
+    assert [s.name for s in settings.policy.sources] == ["coding", "chat", "scripts", "direct_api"]
+    assert settings.policy.default.name == "direct_api"
+    assert settings.whitelist.database == ROOT / "config" / "data" / "seadragon.db"
+    # The high-priority rules cannot be claimed by a spoofed header alone.
+    coding, chat = settings.policy.sources[:2]
+    assert coding.match is not None and coding.match.whitelisted is True
+    assert chat.match is not None and chat.match.whitelisted is True
+
+
+def test_defaults_fill_everything_but_sources(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, MINIMAL))
+    assert settings.server.port == 11435
+    assert settings.server.max_body == 64 * 1024 * 1024
+    assert settings.upstream.idle_timeout == 600
+    assert settings.admin.token is None
+    assert settings.whitelist.database == tmp_path / "data" / "seadragon.db"
+
+
+def test_admin_token_comes_from_the_named_variable_and_never_shows(tmp_path: Path) -> None:
+    doc = {**MINIMAL, "admin": {"token_env": "MY_TOKEN"}}
+    settings = parse_settings(doc, file="f", base=tmp_path, environ={"MY_TOKEN": "s3cret"})
+    assert settings.admin.token is not None and settings.admin.token.reveal() == "s3cret"
+    assert "s3cret" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (65536, 65536),
+        ("64MiB", 64 * 1024**2),
+        ("512 KB", 512_000),
+        ("1g", 10**9),
+        ("2GiB", 2 * 1024**3),
+    ],
+)
+def test_sizes(tmp_path: Path, value: object, expected: int) -> None:
+    doc = {**MINIMAL, "server": {"max_body": value}}
+    assert parse_settings(doc, file="f", base=tmp_path).server.max_body == expected
+
+
+def test_flags_override_the_file(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, MINIMAL)).override(
+        host="0.0.0.0", port=9999, upstream="http://gpu-box:11434"
+    )
+    assert (settings.server.host, settings.server.port) == ("0.0.0.0", 9999)
+    assert str(settings.upstream.url) == "http://gpu-box:11434"
+
+
+def test_config_path_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SEADRAGON_CONFIG", raising=False)
+    assert config_path(None) == Path("config/seadragon.yaml")
+    monkeypatch.setenv("SEADRAGON_CONFIG", "/etc/seadragon.yaml")
+    assert config_path(None) == Path("/etc/seadragon.yaml")
+    assert config_path("mine.yaml") == Path("mine.yaml")
+
+
+@pytest.mark.parametrize(
+    ("doc", "key", "problem"),
+    [
+        ({**MINIMAL, "queue": {"max_size": 0}}, "queue.max_size", "at least 1"),
+        ({**MINIMAL, "queue": {"max_size": "lots"}}, "queue.max_size", "whole number"),
+        ({**MINIMAL, "queue": {"max_wait": True}}, "queue.max_wait", "number of seconds"),
+        ({**MINIMAL, "queue": {"colour": 1}}, "queue.colour", "unknown key"),
+        ({**MINIMAL, "servr": {}}, "servr", "unknown key"),
+        ({**MINIMAL, "server": {"port": 70000}}, "server.port", "at most 65535"),
+        (
+            {**MINIMAL, "server": {"trusted_proxies": ["10.0.0.1/8"]}},
+            "server.trusted_proxies",
+            "host bits",
+        ),
+        ({**MINIMAL, "server": {"max_body": "huge"}}, "server.max_body", "size such as"),
+        ({**MINIMAL, "upstream": {"url": "ftp://x"}}, "upstream.url", "http:// or https://"),
+        ({**MINIMAL, "upstream": {"slots": 0}}, "upstream.slots", "at least 1"),
+        ({**MINIMAL, "log": {"format": "xml"}}, "log.format", "one of auto, json, console"),
+        ({**MINIMAL, "cors": {"allow_origins": "x", "extra": 1}}, "cors.extra", "unknown key"),
+        ({"sources": [], "default_source": "a"}, "sources", "non-empty list"),
+        ({"default_source": "a"}, "sources", "is missing"),
+        ({"sources": [{"name": "a", "priority": 1}]}, "default_source", "is missing"),
+        ({**MINIMAL, "default_source": "nobody"}, "default_source", "'nobody' names no source"),
+        (
+            {
+                "sources": [{"name": "a", "priority": 1}, {"name": "a", "priority": 2}],
+                "default_source": "a",
+            },
+            "sources[1].name",
+            "used by an earlier source",
+        ),
+        ({"sources": [{"name": "a"}], "default_source": "a"}, "sources[0].priority", "is missing"),
+        (
+            {"sources": [{"name": "a", "priority": "high"}], "default_source": "a"},
+            "sources[0].priority",
+            "whole number",
+        ),
+        ({"sources": [{"priority": 1}], "default_source": "a"}, "sources[0].name", "is missing"),
+        ({"sources": ["coding"], "default_source": "a"}, "sources[0]", "must be a mapping"),
+        (
+            {
+                "sources": [{"name": "a", "priority": 1, "match": {"user_agnet": "x"}}],
+                "default_source": "a",
+            },
+            "sources[0].match.user_agnet",
+            "unknown key",
+        ),
+        (
+            {
+                "sources": [{"name": "a", "priority": 1, "match": {"user_agent": []}}],
+                "default_source": "a",
+            },
+            "sources[0].match.user_agent",
+            "empty list",
+        ),
+        (
+            {
+                "sources": [{"name": "a", "priority": 1, "match": {"client_ip": ["10.0.0.300"]}}],
+                "default_source": "a",
+            },
+            "sources[0].match.client_ip",
+            "not an IP address",
+        ),
+        (
+            {
+                "sources": [{"name": "a", "priority": 1, "match": {"header": {"X-A": 5}}}],
+                "default_source": "a",
+            },
+            "sources[0].match.header.X-A",
+            "string or a list of strings",
+        ),
+        (
+            {
+                "sources": [{"name": "a", "priority": 1, "require_whitelist": "yes"}],
+                "default_source": "a",
+            },
+            "sources[0].require_whitelist",
+            "true or false",
+        ),
+    ],
+)
+def test_errors_name_the_file_and_the_key(
+    tmp_path: Path, doc: dict, key: str, problem: str
+) -> None:
+    path = write(tmp_path, doc)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    assert caught.value.key == key
+    assert problem in caught.value.problem
+    assert str(caught.value).startswith(f"{path}: {key}: ")
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("", "the file is empty"),
+        ("sources: [\n  - name: a\n", "line 2, column 3: not valid YAML"),
+        ("- just\n- a list\n", "must be a mapping"),
+        (
+            "server: {port: 1}\nserver: {port: 2}\n",
+            "line 2, column 1: not valid YAML: duplicate key 'server'",
+        ),
+    ],
+)
+def test_broken_files(tmp_path: Path, text: str, problem: str | None) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, text))
+    assert str(caught.value).startswith(str(tmp_path / "seadragon.yaml"))
+    if problem:
+        assert problem in str(caught.value)
+
+
+def test_missing_file_says_how_to_point_at_one(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"no such file.*SEADRAGON_CONFIG"):
+        load_settings(tmp_path / "absent.yaml")
