@@ -13,6 +13,8 @@ proxy without a GPU. Tests steer it through the prompt (or last message):
     fault:slow:N       stream one byte every 1/N seconds
 
 ``options.num_predict`` sets how many tokens a generation streams (default 5).
+``parallel=N`` makes inference requests take turns N at a time inside the fake, as
+Ollama's ``OLLAMA_NUM_PARALLEL`` does: the baseline a direct client sees.
 Every request is recorded in ``fake.requests``; ``await fake.wait_for(n)`` waits until
 n inference requests have arrived, without sleeping.
 """
@@ -78,6 +80,7 @@ class Seen:
     body: bytes
     prompt: str
     arrived: float  # perf_counter() when the handler started
+    started: float = 0.0  # perf_counter() when it began to be served (after ``parallel``)
     finished: float = 0.0  # perf_counter() after the last byte was written
     cancelled: bool = False
 
@@ -89,6 +92,7 @@ class Seen:
 @dataclass
 class FakeOllama:
     tokens: int = 5
+    parallel: int | None = None
     models: list[str] = field(default_factory=lambda: list(MODELS))
     blobs: set[str] = field(default_factory=set)
     requests: list[Seen] = field(default_factory=list)
@@ -97,6 +101,7 @@ class FakeOllama:
     _gates: dict[str, asyncio.Event] = field(default_factory=dict)
     _changed: asyncio.Event | None = None
     _runner: web.AppRunner | None = None
+    _turns: asyncio.Semaphore | None = None
     port: int = 0
 
     # -- test helpers ---------------------------------------------------------------------
@@ -191,21 +196,32 @@ class FakeOllama:
         )
         request[SEEN] = seen
         self.requests.append(seen)
-        inference = request.path.startswith(INFERENCE)
-        if inference:
-            self.in_flight += 1
-            self.max_in_flight = max(self.max_in_flight, self.in_flight)
         self._notify()
+        inference = request.path.startswith(INFERENCE)
+        if self.parallel and self._turns is None:
+            self._turns = asyncio.Semaphore(self.parallel)
+        turns = self._turns if inference else None
         try:
-            return await handler(request)
+            if turns is not None:
+                await turns.acquire()
+            seen.started = time.perf_counter()
+            if inference:
+                self.in_flight += 1
+                self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            self._notify()
+            try:
+                return await handler(request)
+            finally:
+                seen.finished = time.perf_counter()
+                if inference:
+                    self.in_flight -= 1
+                if turns is not None:
+                    turns.release()
+                self._notify()
         except asyncio.CancelledError:
             seen.cancelled = True
-            raise
-        finally:
-            seen.finished = time.perf_counter()
-            if inference:
-                self.in_flight -= 1
             self._notify()
+            raise
 
     def _doc(self, request: web.Request, *, openai: bool = False) -> dict[str, Any]:
         seen: Seen = request[SEEN]
