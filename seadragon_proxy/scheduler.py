@@ -229,16 +229,21 @@ class Scheduler:
         return Slot(self, ticket)
 
     def _dispatch(self) -> None:
-        heap = self._heap
-        while heap and not self._paused and len(self._running) < self._slots:
-            ticket = heapq.heappop(heap)[2]
+        while self._heap and not self._paused and len(self._running) < self._slots:
+            ticket = heapq.heappop(self._heap)[2]
             if ticket.state is not State.QUEUED:
                 continue  # lazily removed
+            waiter = ticket._waiter
+            assert waiter is not None
+            if waiter.done():
+                # Its task was cancelled in this loop step (the client hung up) and has not
+                # run its clean-up yet: take it out of line here and pass over it.
+                self._drop(ticket)
+                continue
             self._queued -= 1
             self._cancel_timer(ticket)
             self._start(ticket, self.now())
-            assert ticket._waiter is not None
-            ticket._waiter.set_result(None)
+            waiter.set_result(None)
             ticket._waiter = None
 
     def _finish(self, ticket: Ticket) -> None:

@@ -239,3 +239,22 @@ async def test_heap_is_compacted_after_many_cancellations() -> None:
     await asyncio.sleep(0)
     assert s.queue_length == 1
     assert len(s._heap) < 100
+
+
+async def test_release_while_a_waiter_is_being_cancelled_skips_it() -> None:
+    """A waiter's future is cancelled at once when its task is, but its clean-up runs a step
+    later; a release in between must pass over it, not fail, and serve the next one."""
+    s = Scheduler(slots=1, max_size=10)
+    h = Harness(s)
+    first, leaving, next_one = ticket(), ticket(), ticket()
+    await h.enter(first)
+    await h.enter(leaving)
+    await h.enter(next_one)
+    h.slots[first] = await h.tasks[first]
+    h.tasks[leaving].cancel()  # its future is cancelled now; its except clause runs later
+    h.slots[first].release()  # must not raise InvalidStateError
+    with pytest.raises(asyncio.CancelledError):
+        await h.tasks[leaving]
+    await h.tasks[next_one]
+    assert h.granted == [first, next_one]
+    assert (s.in_flight, s.queue_length) == (1, 0)
