@@ -32,8 +32,8 @@ lint: install
 bench: install
 	$(BIN)/python -m bench
 
-soak: install
-	$(BIN)/python -m pytest -m heavy --soak -p no:randomly -q
+soak: install  ## the heavy tests at full size (10 000 queued requests), printing the figures
+	$(BIN)/python -m pytest -m heavy --soak -s -q
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -59,8 +59,9 @@ def create_app(settings: Settings) -> web.Application:
 
 
 def _log_queue_event(event: str, ticket: Ticket) -> None:
-    if event == "queued":
-        log.debug("request_queued", id=ticket.id, source=ticket.source, priority=ticket.priority)
+    """At debug level, the queue's story: when each request joined the line and got its turn."""
+    if event in ("queued", "started"):
+        log.debug(f"request_{event}", id=ticket.id, source=ticket.source, priority=ticket.priority)
 
 
 async def whitelist_ctx(app: web.Application) -> AsyncIterator[None]:

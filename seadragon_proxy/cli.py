@@ -106,8 +106,12 @@ def _serve(args: argparse.Namespace) -> int:
 
 async def _whitelist(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
     store = WhitelistStore(settings.whitelist.database)
+    if args.action != "add" and not store.path.exists():
+        raise Failure(
+            f"whitelist database {store.path} does not exist yet; it is created (with loopback "
+            "on it) when the proxy starts or by 'seadragon-proxy whitelist add'"
+        )
     if args.action == "list":
-        await store.ensure()
         entries = await store.entries()
         if args.json:
             rows = [{"network": e.network, "note": e.note, "added_at": e.added_at} for e in entries]
@@ -128,7 +132,12 @@ async def _whitelist(args: argparse.Namespace, settings: Settings, out: TextIO) 
             return 0
         network, found = await store.remove(args.entry)
     except ValueError as e:
-        raise Failure(f"{e}; give an address (10.0.0.7, ::1) or a network (10.0.0.0/8)") from e
+        hint = (
+            ""
+            if "did you mean" in str(e)
+            else "; give an address (10.0.0.7, ::1) or a network (10.0.0.0/8)"
+        )
+        raise Failure(f"{e}{hint}") from e
     if not found:
         raise Failure(f"{network} is not on the whitelist in {store.path}; nothing removed")
     print(f"removed {network} from {store.path}", file=out)

@@ -4,6 +4,7 @@ Run it alone with ``python -m seadragon_proxy.fake_ollama --port 11434`` to try 
 proxy without a GPU. Tests steer it through the prompt (or last message):
 
     gate:NAME          wait for ``fake.gate(NAME).set()`` before answering (no headers yet)
+    gate-headers:NAME  send the headers, then wait for the gate before the first chunk
     gate-mid:NAME      send the headers and two chunks, then wait for the gate
     fault:error-line   two chunks, then ``{"error": ...}`` and the end, as Ollama does
     fault:hangup       two chunks, then the connection is cut
@@ -268,6 +269,8 @@ class FakeOllama:
         prompt: str = request[SEEN].prompt
         response = web.StreamResponse(headers={"Content-Type": kind})
         await response.prepare(request)
+        if prompt.startswith("gate-headers:"):
+            await self.gate(prompt[13:]).wait()
         if prompt.startswith("fault:slow:"):
             delay = 1 / float(prompt.rsplit(":", 1)[1])
             for line in lines:

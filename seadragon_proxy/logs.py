@@ -1,13 +1,21 @@
 """structlog, configured once: key/value events, JSON when stderr is not a terminal,
-colours when it is; the standard library's loggers (aiohttp, asyncio) go the same way."""
+colours when it is; the standard library's loggers (aiohttp, asyncio) go the same way.
+
+Lines are rendered on the event loop but written by one background thread, so a slow
+reader of stderr (a busy journald, a full pipe) never stalls request handling.
+"""
 
 from __future__ import annotations
 
+import atexit
 import logging
+import queue
 import sys
+import threading
 from typing import Any, TextIO
 
 import structlog
+from aiohttp.http_exceptions import HttpProcessingError
 from structlog.typing import EventDict, Processor, WrappedLogger
 
 from .settings import LogSettings
@@ -23,7 +31,84 @@ def redact_secrets(_logger: WrappedLogger, _method: str, event: EventDict) -> Ev
     return event
 
 
-def configure_logging(settings: LogSettings, stream: TextIO | None = None) -> None:
+class QuietBadRequests(logging.Filter):
+    """aiohttp logs each malformed request (a scanner, TLS on the plain port, a smuggling
+    attempt) with a traceback; one warning line without it is enough."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], HttpProcessingError):
+            error = record.exc_info[1]
+            record.msg = "bad_http_request: %s"
+            record.args = (str(error.message).splitlines()[0] if error.message else error,)
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.exc_info = record.exc_text = None
+        return True
+
+
+class LineWriter:
+    """Writes finished log lines from a daemon thread; ``close()`` flushes what is queued."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self._lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, line: str) -> None:
+        self._lines.put(line)
+
+    def _run(self) -> None:
+        while (line := self._lines.get()) is not None:
+            try:
+                self.stream.write(line + "\n")
+                if self._lines.empty():
+                    self.stream.flush()
+            except (OSError, ValueError):
+                pass  # stderr gone: nothing sensible left to do with a log line
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._lines.put(None)
+            self._thread.join(timeout=5)
+
+
+class QueuedLogger:
+    """A structlog logger (``PrintLogger``'s interface) that hands lines to a LineWriter."""
+
+    def __init__(self, writer: LineWriter) -> None:
+        self._writer = writer
+
+    def msg(self, message: str) -> None:
+        self._writer.put(message)
+
+    log = debug = info = warn = warning = error = critical = exception = fatal = msg
+
+
+class QueuedHandler(logging.Handler):
+    """The standard library's records, formatted here and written by the same thread."""
+
+    def __init__(self, writer: LineWriter) -> None:
+        super().__init__()
+        self._writer = writer
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._writer.put(self.format(record))
+        except Exception:
+            self.handleError(record)
+
+
+_writer: LineWriter | None = None
+
+
+def configure_logging(
+    settings: LogSettings, stream: TextIO | None = None, *, cache_loggers: bool = True
+) -> None:
+    """Configure structlog and the standard library's logging once, at start-up.
+
+    ``cache_loggers=False`` keeps loggers re-configurable (tests reconfigure them).
+    """
+    global _writer
     out = stream if stream is not None else sys.stderr
     as_json = settings.format == "json" or (settings.format == "auto" and not out.isatty())
     shared: list[Processor] = [
@@ -39,13 +124,17 @@ def configure_logging(settings: LogSettings, stream: TextIO | None = None) -> No
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=out.isatty())
     level = logging.getLevelNamesMapping()[settings.level.upper()]
+    stop_logging()
+    _writer = writer = LineWriter(out)
+    atexit.register(stop_logging)
     structlog.configure(
         processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.WriteLoggerFactory(file=out),
-        cache_logger_on_first_use=True,
+        logger_factory=lambda *_args: QueuedLogger(writer),
+        cache_logger_on_first_use=cache_loggers,
     )
-    handler = logging.StreamHandler(out)
+    handler = QueuedHandler(writer)
+    handler.addFilter(QuietBadRequests())
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
@@ -57,6 +146,14 @@ def configure_logging(settings: LogSettings, stream: TextIO | None = None) -> No
     root.setLevel(max(level, logging.INFO))
     # The canonical request line replaces aiohttp's access log.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def stop_logging() -> None:
+    """Write out every queued line (called at exit, and before reconfiguring)."""
+    global _writer
+    if _writer is not None:
+        _writer.close()
+        _writer = None
 
 
 def bind_request(**values: Any) -> None:

@@ -52,6 +52,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         response = error_response(error, openai=wants_openai_errors(request.path))
     if REQUEST_ID in request:
         response.headers["X-Request-Id"] = request[REQUEST_ID]
+    if not request.content.is_eof():
+        # Refused before its body was read (413, 408, a 403 on an upload): close rather
+        # than wait for, or read, the rest of whatever the client is still sending.
+        response.force_close()
     return response
 
 

@@ -4,6 +4,8 @@ refuse the queue with 503, let in-flight streams finish within the grace period,
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import resource
 import signal
 from dataclasses import dataclass
 
@@ -61,6 +63,9 @@ async def start_server(settings: Settings) -> RunningServer:
         handler_cancellation=True,  # a client that hangs up cancels its handler at once
         access_log=None,  # the canonical request line replaces it
         keepalive_timeout=settings.server.header_timeout,  # also bounds slow headers
+        # After an early error answer, read and drop the rest of the body for at most 2 s
+        # (closing at once could reset the connection before the client reads the answer).
+        lingering_time=2.0,
         shutdown_timeout=1.0,  # in-flight work is waited for in RunningServer.stop
     )
     await runner.setup()
@@ -74,8 +79,19 @@ async def start_server(settings: Settings) -> RunningServer:
     return RunningServer(app=app, runner=runner, host=settings.server.host, port=port)
 
 
+def raise_open_file_limit() -> int:
+    """Every waiting client holds a socket: lift the soft descriptor limit to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
 async def serve(settings: Settings) -> int:
     """Run until SIGTERM or SIGINT; returns the exit status."""
+    open_files = raise_open_file_limit()
     server = await start_server(settings)
     live = server.app[LIVE]
     loop = asyncio.get_running_loop()
@@ -99,6 +115,7 @@ async def serve(settings: Settings) -> int:
         slots=settings.upstream.slots,
         config=str(settings.file),
         sources=[s.name for s in settings.policy.sources],
+        open_file_limit=open_files,
     )
     try:
         await stop.wait()

@@ -5,21 +5,27 @@ from __future__ import annotations
 
 import asyncio
 import copy
-from collections.abc import AsyncIterator, Awaitable, Callable
+import io
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import structlog
 import yaml
 
 from seadragon_proxy.fake_ollama import FakeOllama
 from seadragon_proxy.live import Live
+from seadragon_proxy.logs import configure_logging, stop_logging
+from seadragon_proxy.record import RequestRecord
 from seadragon_proxy.scheduler import Scheduler, Ticket
 from seadragon_proxy.server import RunningServer, start_server
-from seadragon_proxy.settings import load_settings
-from seadragon_proxy.typedefs import LIVE, SCHEDULER
+from seadragon_proxy.settings import LogSettings, load_settings
+from seadragon_proxy.typedefs import LIVE, RECORDER, SCHEDULER
 
 MODEL = "llama3:70b"
 
@@ -37,6 +43,12 @@ BASE_CONFIG: dict[str, Any] = {
     ],
     "default_source": "direct_api",
 }
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--soak", action="store_true", help="run the heavy tests at full size and print figures"
+    )
 
 
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -82,6 +94,8 @@ class Proxy:
     watch: Watch
     reloads: list[tuple[str, bool]] = field(default_factory=list)
     _reloaded: asyncio.Event = field(default_factory=asyncio.Event)
+    finished: list[RequestRecord] = field(default_factory=list)
+    _recorded: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def url(self) -> str:
@@ -94,6 +108,18 @@ class Proxy:
     @property
     def live(self) -> Live:
         return self.server.app[LIVE]
+
+    def on_record(self, record: RequestRecord) -> None:
+        self.finished.append(record)
+        self._recorded.set()
+
+    async def records(self, count: int, timeout: float = 10) -> list[RequestRecord]:
+        """Wait until ``count`` requests have finished (logged); return their records."""
+        async with asyncio.timeout(timeout):
+            while len(self.finished) < count:
+                self._recorded.clear()
+                await self._recorded.wait()
+        return self.finished
 
     def on_reload(self, what: str, ok: bool) -> None:
         self.reloads.append((what, ok))
@@ -138,6 +164,32 @@ class Proxy:
             return r.status, json.loads(raw) if raw else None
 
 
+class JsonLog:
+    """The real logging set-up writing JSON into a buffer; ``lines()`` flushes and parses."""
+
+    def __init__(self) -> None:
+        self.buffer = io.StringIO()
+
+    def text(self) -> str:
+        stop_logging()
+        return self.buffer.getvalue()
+
+    def lines(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.text().splitlines()]
+
+
+@pytest.fixture
+def json_log() -> Iterator[JsonLog]:
+    log = JsonLog()
+    configure_logging(
+        LogSettings(format="json", level="debug"), stream=log.buffer, cache_loggers=False
+    )
+    yield log
+    stop_logging()
+    structlog.reset_defaults()
+    logging.getLogger().handlers.clear()
+
+
 @pytest.fixture
 async def fake() -> AsyncIterator[FakeOllama]:
     fake = FakeOllama()
@@ -167,6 +219,7 @@ async def make_proxy(fake: FakeOllama, tmp_path: Path) -> AsyncIterator[ProxyFac
         session = aiohttp.ClientSession()
         proxy = Proxy(server, fake, path, config, session, Watch(server.app[SCHEDULER]))
         server.app[LIVE].listeners.append(proxy.on_reload)
+        server.app[RECORDER].listeners.append(proxy.on_record)
         started.append(proxy)
         return proxy
 

@@ -141,9 +141,20 @@ def test_whitelist_add_list_remove(capsys: pytest.CaptureFixture[str], config: P
 def test_whitelist_list_json(capsys: pytest.CaptureFixture[str], config: Path) -> None:
     import json
 
+    assert run(capsys, "whitelist", "add", "10.1.0.0/16", "--config", str(config))[0] == 0
     code, out, _ = run(capsys, "whitelist", "list", "--json", "--config", str(config))
     assert code == 0
-    assert [row["network"] for row in json.loads(out)] == ["127.0.0.1", "::1"]
+    assert sorted(row["network"] for row in json.loads(out)) == ["10.1.0.0/16", "127.0.0.1", "::1"]
+
+
+@pytest.mark.parametrize("action", [["list"], ["remove", "10.0.0.1"]])
+def test_whitelist_on_a_missing_database_says_how_it_comes_about(
+    capsys: pytest.CaptureFixture[str], config: Path, action: list[str]
+) -> None:
+    code, out, err = run(capsys, "whitelist", *action, "--config", str(config))
+    assert code == 1 and out == ""
+    assert "does not exist yet; it is created (with loopback on it) when the proxy starts" in err
+    assert not (config.parent / "data" / "seadragon.db").exists()
 
 
 @pytest.mark.parametrize(
@@ -158,6 +169,8 @@ def test_whitelist_list_json(capsys: pytest.CaptureFixture[str], config: Path) -
 def test_whitelist_refuses_with_a_message(
     capsys: pytest.CaptureFixture[str], config: Path, argv: list[str], message: str
 ) -> None:
+    assert run(capsys, "whitelist", "add", "10.2.2.2", "--config", str(config))[0] == 0
+    capsys.readouterr()
     code, out, err = run(capsys, "whitelist", *argv, "--config", str(config))
     assert code == 1 and out == ""
     assert err.startswith("seadragon-proxy: ") and message in err
@@ -177,7 +190,7 @@ def test_whitelist_while_another_writer_holds_the_lock(
     capsys: pytest.CaptureFixture[str], config: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("seadragon_proxy.whitelist.BUSY_TIMEOUT", 0.1)
-    assert run(capsys, "whitelist", "list", "--config", str(config))[0] == 0
+    assert run(capsys, "whitelist", "add", "10.2.2.2", "--config", str(config))[0] == 0
     other = sqlite3.connect(config.parent / "data" / "seadragon.db", isolation_level=None)
     other.execute("BEGIN EXCLUSIVE")
     try:

@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import io
-import json
-import logging
-
 import pytest
 import structlog
 from structlog.contextvars import merge_contextvars
 from structlog.testing import capture_logs
 
-from seadragon_proxy.logs import configure_logging, redact_secrets
-from seadragon_proxy.settings import LogSettings
+from seadragon_proxy.logs import redact_secrets
 
-from .conftest import MODEL, Proxy, ProxyFactory
+from .conftest import MODEL, JsonLog, Proxy, ProxyFactory
 
 
 def request_lines(logs: list[dict[str, object]]) -> list[dict[str, object]]:
@@ -70,26 +65,20 @@ async def test_refusals_and_hangups_are_logged(proxy: Proxy) -> None:
 
 
 async def test_tokens_never_reach_the_log(
-    make_proxy: ProxyFactory, monkeypatch: pytest.MonkeyPatch
+    make_proxy: ProxyFactory, monkeypatch: pytest.MonkeyPatch, json_log: JsonLog
 ) -> None:
     monkeypatch.setenv("TEST_ADMIN_TOKEN", "admin-secret-value")
     proxy = await make_proxy({"admin": {"token_env": "TEST_ADMIN_TOKEN"}})
-    out = io.StringIO()
-    configure_logging(LogSettings(format="json", level="debug"), stream=out)
-    try:
-        headers = {"Authorization": "Bearer client-secret-value"}
-        await proxy.generate("x")
-        async with proxy.session.get(proxy.url + "/api/tags", headers=headers) as r:
-            await r.read()
-        async with proxy.session.get(proxy.url + "/api/admin/queue", headers=headers) as r:
-            assert r.status == 403
-        structlog.get_logger("t").info("oops", authorization="Bearer leaked", token="leaked")
-    finally:
-        structlog.reset_defaults()
-        logging.getLogger().handlers.clear()
-    text = out.getvalue()
+    headers = {"Authorization": "Bearer client-secret-value"}
+    await proxy.generate("x")
+    async with proxy.session.get(proxy.url + "/api/tags", headers=headers) as r:
+        await r.read()
+    async with proxy.session.get(proxy.url + "/api/admin/queue", headers=headers) as r:
+        assert r.status == 403
+    structlog.get_logger("t").info("oops", authorization="Bearer leaked", token="leaked")
+    text = json_log.text()
     assert text and "secret-value" not in text and "leaked" not in text
-    lines = [json.loads(line) for line in text.splitlines()]  # JSON when not a terminal
+    lines = json_log.lines()  # JSON when not a terminal
     assert any(line.get("event") == "request" for line in lines)
     assert lines[-1]["authorization"] == "[redacted]"
 

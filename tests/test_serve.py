@@ -17,31 +17,7 @@ import yaml
 from seadragon_proxy.fake_ollama import FakeOllama
 
 from .conftest import BASE_CONFIG, MODEL, merge
-
-
-class Served:
-    """The proxy in a child process; its JSON log lines are read as they come."""
-
-    def __init__(self, process: asyncio.subprocess.Process, config: Path) -> None:
-        self.process = process
-        self.config = config
-        self.lines: list[dict[str, Any]] = []
-        self.url = ""
-
-    async def wait_for(self, event: str, timeout: float = 15) -> dict[str, Any]:
-        for line in self.lines:
-            if line.get("event") == event:
-                return line
-        assert self.process.stderr is not None
-        async with asyncio.timeout(timeout):
-            while True:
-                raw = await self.process.stderr.readline()
-                if not raw:
-                    raise AssertionError(f"the proxy exited before logging {event!r}: {self.lines}")
-                line = json.loads(raw)
-                self.lines.append(line)
-                if line.get("event") == event:
-                    return line
+from .served import Served, start_served
 
 
 @pytest.fixture
@@ -49,31 +25,15 @@ async def serve(fake: FakeOllama, tmp_path: Path) -> AsyncIterator[Any]:
     processes: list[Served] = []
 
     async def start(override: dict[str, Any] | None = None) -> Served:
-        config = merge(BASE_CONFIG, override or {})
-        config["upstream"]["url"] = fake.url
-        config["whitelist"] = {"database": str(tmp_path / "seadragon.db")}
-        path = tmp_path / "seadragon.yaml"
-        path.write_text(yaml.safe_dump(config))
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "seadragon_proxy",
-            "serve",
-            "--config",
-            str(path),
-            stderr=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.DEVNULL,
-        )
-        served = Served(process, path)
+        served = await start_served(tmp_path, fake, override)
         processes.append(served)
-        served.url = (await served.wait_for("listening"))["url"]
         return served
 
     yield start
     for served in processes:
         if served.process.returncode is None:
             served.process.kill()
-            await served.process.wait()
+        await served.stop()
 
 
 async def test_sigterm_refuses_the_queue_finishes_the_stream_and_exits_0(
