@@ -1,18 +1,23 @@
-"""The proxy's own routes: the queue view (admin) and health. Admin needs the bearer token,
-or, when none is configured, a loopback client; the answer otherwise is 403, never 401
-(the Ollama CLI reads 401 as "sign in to ollama.com")."""
+"""The proxy's own routes: health, and the admin API — queue, whitelist, stats, time series,
+metrics. Admin needs the bearer token or, when none is configured, a loopback client; the
+answer otherwise is 403, never 401 (the Ollama CLI reads 401 as "sign in to ollama.com")."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import json
+import time
+from dataclasses import asdict
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
 
-from .exceptions import Forbidden
+from .exceptions import BadRequest, DatabaseError, Forbidden, NotFound, Unavailable
+from .history import History, parse_since, summarize, timeseries
 from .httputil import client_ip
 from .scheduler import Scheduler, Ticket
-from .typedefs import LIVE, SCHEDULER, UPSTREAM
+from .typedefs import HISTORY, LIVE, METRICS, SCHEDULER, UPSTREAM
 
 
 def authorize(request: web.Request) -> None:
@@ -96,3 +101,110 @@ async def health_view(request: web.Request) -> web.Response:
 async def admin_not_found(request: web.Request) -> web.Response:
     authorize(request)
     return web.json_response({"error": f"no admin route {request.path}"}, status=404)
+
+
+# -- whitelist ---------------------------------------------------------------------------------
+
+
+async def _json_object(request: web.Request) -> dict[str, object]:
+    try:
+        doc = await request.json(loads=json.loads)
+    except ValueError:
+        raise BadRequest("the body must be a JSON object") from None
+    if not isinstance(doc, dict):
+        raise BadRequest("the body must be a JSON object")
+    return doc
+
+
+def _network_field(doc: dict[str, object]) -> str:
+    network = doc.get("network")
+    if not isinstance(network, str) or not network.strip():
+        raise BadRequest('give "network": an address (10.0.0.7) or a network (10.0.0.0/8)')
+    return network
+
+
+async def whitelist_view(request: web.Request) -> web.Response:
+    """GET the list; POST ``{"network", "note"}`` to add; DELETE ``{"network"}`` to remove.
+    Changes apply to the running proxy before the answer is sent."""
+    authorize(request)
+    live = request.app[LIVE]
+    try:
+        if request.method == "GET":
+            entries = await live.store.entries()
+            return web.json_response({"entries": [asdict(e) for e in entries]})
+        doc = await _json_object(request)
+        network = _network_field(doc)
+        try:
+            if request.method == "POST":
+                note = doc.get("note", "")
+                if not isinstance(note, str) or len(note) > 500:
+                    raise BadRequest('"note" must be text of at most 500 characters')
+                normal, added = await live.store.add(network, note)
+                answer: dict[str, object] = {"network": normal, "added": added}
+            else:
+                normal, removed = await live.store.remove(network)
+                if not removed:
+                    raise NotFound(f"{normal} is not on the whitelist")
+                answer = {"network": normal, "removed": True}
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
+    except DatabaseError as e:
+        raise Unavailable(str(e)) from e
+    await live.reload_whitelist()
+    return web.json_response(answer)
+
+
+# -- history -----------------------------------------------------------------------------------
+
+
+def _history(request: web.Request) -> History:
+    history = request.app[HISTORY]
+    if history is None:
+        raise NotFound("request history is off (history.enabled: false)")
+    return history
+
+
+async def stats_view(request: web.Request) -> web.Response:
+    """Per source and per model since ``?since=`` (``24h``, ``7d``, an ISO time; default 24h)."""
+    authorize(request)
+    history = _history(request)
+    try:
+        since = parse_since(request.query.get("since", "24h"))
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
+    await history.flush()
+    try:
+        summary = await summarize(history.path, since)
+    except DatabaseError as e:
+        raise Unavailable(str(e)) from e
+    return web.json_response(summary.as_dict())
+
+
+def _bounded_int(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or not lo <= int(raw) <= hi:
+        raise BadRequest(f"{name} must be a whole number from {lo} to {hi}")
+    return int(raw)
+
+
+async def timeseries_view(request: web.Request) -> web.Response:
+    """Per source, per ``step`` seconds over the last ``minutes``: requests, waits, tokens."""
+    authorize(request)
+    history = _history(request)
+    minutes = _bounded_int(request, "minutes", 60, 1, 24 * 60)
+    step = _bounded_int(request, "step", 60, 5, 3600)
+    await history.flush()
+    since = time.time() - minutes * 60
+    try:
+        series = await timeseries(history.path, since, step)
+    except DatabaseError as e:
+        raise Unavailable(str(e)) from e
+    return web.json_response({"since": since, "step": step, "series": series})
+
+
+async def metrics_view(request: web.Request) -> web.Response:
+    """Prometheus text format; the same access rule as the admin routes."""
+    authorize(request)
+    return web.Response(body=request.app[METRICS].render(), headers={"Content-Type": CONTENT_TYPE})

@@ -11,14 +11,17 @@ import structlog
 from aiohttp import web
 
 from . import admin
+from .dashboard import add_dashboard
 from .exceptions import ShuttingDown
+from .history import History
 from .live import Live
+from .metrics import Metrics
 from .middlewares import cors_headers, cors_middleware, error_middleware
 from .proxy import Proxy
 from .record import Recorder
 from .scheduler import Scheduler, Ticket
 from .settings import Settings
-from .typedefs import LIVE, PROXY, RECORDER, SCHEDULER, UPSTREAM
+from .typedefs import HISTORY, LIVE, METRICS, PROXY, RECORDER, SCHEDULER, UPSTREAM
 from .upstream import Upstream
 from .watch import watch_files
 from .whitelist import WhitelistStore
@@ -37,6 +40,13 @@ def create_app(settings: Settings) -> web.Application:
     recorder = Recorder()
     proxy = Proxy(live, scheduler, upstream, recorder)
     scheduler.add_listener(_log_queue_event)
+    metrics = Metrics(scheduler)
+    recorder.listeners.append(metrics.observe)
+    live.listeners.append(metrics.reloaded)
+    history = None
+    if settings.history.enabled:
+        history = History(settings.whitelist.database, settings.history)
+        recorder.listeners.append(history.record)
 
     # Bodies are read by the proxy itself, bounded by server.max_body.
     app = web.Application(
@@ -47,13 +57,21 @@ def create_app(settings: Settings) -> web.Application:
     app[UPSTREAM] = upstream
     app[RECORDER] = recorder
     app[PROXY] = proxy
-    app.cleanup_ctx.extend([whitelist_ctx, upstream_ctx, watcher_ctx, scheduler_ctx])
+    app[METRICS] = metrics
+    app[HISTORY] = history
+    app.cleanup_ctx.extend([whitelist_ctx, history_ctx, upstream_ctx, watcher_ctx, scheduler_ctx])
     app.on_response_prepare.append(cors_headers)
 
     app.router.add_get("/health", admin.health_view, allow_head=True)
     app.router.add_get("/api/ollama/health", admin.health_view, allow_head=True)
+    app.router.add_get("/metrics", admin.metrics_view)
     app.router.add_get("/api/admin/queue", admin.queue_view)
+    for method in ("GET", "POST", "DELETE"):
+        app.router.add_route(method, "/api/admin/whitelist", admin.whitelist_view)
+    app.router.add_get("/api/admin/stats", admin.stats_view)
+    app.router.add_get("/api/admin/timeseries", admin.timeseries_view)
     app.router.add_route("*", "/api/admin/{tail:.*}", admin.admin_not_found)
+    add_dashboard(app)
     app.router.add_route("*", "/{tail:.*}", proxy.handle)
     return app
 
@@ -72,6 +90,21 @@ async def whitelist_ctx(app: web.Application) -> AsyncIterator[None]:
         log.info("whitelist_created", database=str(live.store.path), seeded="loopback")
     await live.reload_whitelist()
     yield
+
+
+async def history_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The batch writer; what is still buffered at exit is written before the app goes."""
+    history = app[HISTORY]
+    if history is None:
+        yield
+        return
+    await history.ensure()
+    task = asyncio.create_task(history.run(), name="history-writer")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await history.flush()
 
 
 async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:

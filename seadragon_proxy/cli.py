@@ -1,4 +1,4 @@
-"""The ``seadragon-proxy`` command: serve, whitelist, check, explain.
+"""The ``seadragon-proxy`` command: serve, whitelist, check, explain, stats.
 
 ``main(argv)`` parses arguments and is the only place that decides the exit status:
 0 done, 1 a problem the message explains (bad config, bad address, database), 2 bad usage.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import TextIO
@@ -16,7 +17,8 @@ from typing import TextIO
 from multidict import CIMultiDict
 
 from . import __version__
-from .exceptions import ConfigError, WhitelistError
+from .exceptions import ConfigError, DatabaseError
+from .history import parse_since, summarize
 from .logs import configure_logging
 from .netaddr import LOOPBACK, NetworkSet, parse_address
 from .policy import RequestFacts
@@ -58,6 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("check", parents=[common], help="validate the config; print the source rules")
 
+    stats = sub.add_parser(
+        "stats", parents=[common], help="requests, waits, tokens and errors per source and model"
+    )
+    stats.add_argument(
+        "--since", default="24h", help="a duration (30m, 24h, 7d) or an ISO time (default 24h)"
+    )
+    stats.add_argument("--json", action="store_true", help="print JSON (as /api/admin/stats)")
+
     explain = sub.add_parser(
         "explain", parents=[common], help="which source and priority a request would get"
     )
@@ -81,12 +91,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_whitelist(args, settings, sys.stdout))
         if args.command == "check":
             return _check(settings, sys.stdout)
+        if args.command == "stats":
+            return asyncio.run(_stats(args, settings, sys.stdout))
         return asyncio.run(_explain(args, settings, sys.stdout))
-    except (Failure, ConfigError, WhitelistError) as e:
+    except (Failure, ConfigError, DatabaseError) as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `seadragon-proxy ... | head`: the reader is done, so are we
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -169,6 +184,47 @@ def _check(settings: Settings, out: TextIO) -> int:
     return 0
 
 
+async def _stats(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
+    try:
+        since = parse_since(args.since)
+    except ValueError as e:
+        raise Failure(str(e)) from e
+    path = settings.whitelist.database
+    if not path.exists():
+        raise Failure(f"database {path} does not exist yet; it is created when the proxy starts")
+    summary = await summarize(path, since)
+    if args.json:
+        json.dump(summary.as_dict(), out, indent=2)
+        out.write("\n")
+        return 0
+    doc = summary.as_dict()
+    print(f"requests from {doc['since']} to {doc['until']} ({path})", file=out)
+    for key, groups in (("source", summary.sources), ("model", summary.models)):
+        print(file=out)
+        if not groups:
+            print(f"no requests by {key}", file=out)
+            continue
+        header = ("requests", "errors", "hung up", "wait p50", "wait p95", "tokens")
+        width = max(len(key), *(len(str(g.name)) for g in groups))
+        print(f"{key:<{width}}  " + "  ".join(f"{h:>9}" for h in header), file=out)
+        for g in groups:
+            cells = (
+                g.requests,
+                g.errors,
+                g.hung_up,
+                _secs(g.wait_p50),
+                _secs(g.wait_p95),
+                g.tokens,
+            )
+            name = "-" if g.name is None else g.name
+            print(f"{name:<{width}}  " + "  ".join(f"{c:>9}" for c in cells), file=out)
+    return 0
+
+
+def _secs(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}s"
+
+
 async def _explain(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
     try:
         ip = parse_address(args.ip)
@@ -184,7 +240,7 @@ async def _explain(args: argparse.Namespace, settings: Settings, out: TextIO) ->
     try:
         whitelist = await store.load()
         where = str(store.path)
-    except WhitelistError:
+    except DatabaseError:
         whitelist = NetworkSet.parse(LOOPBACK)
         where = f"{store.path} does not exist yet; a new one holds loopback only"
     route = classify(args.method.upper(), args.path)

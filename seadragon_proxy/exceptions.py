@@ -2,16 +2,18 @@
 
     SeadragonError
     ├── ConfigError              the YAML file is wrong; names the file and the dotted key
-    ├── WhitelistError           the whitelist database cannot be read or written
+    ├── DatabaseError            the SQLite file (whitelist, history) cannot be read or written
     └── RequestError             a request cannot be served (rendered once, in middlewares.py)
         ├── BadRequest           400  body not a JSON object, model missing or not a string
         ├── Forbidden            403  not whitelisted, admin route without the token
+        ├── NotFound             404  an admin resource that does not exist
         ├── PayloadTooLarge      413  body over server.max_body
         ├── RequestTimeout       408  the client stopped sending its body
         ├── UpstreamUnavailable  502  Ollama refuses connections or hung up before answering
         ├── QueueFull            503  queue.max_size reached (Ollama's own message)
         ├── QueueTimeout         503  waited longer than queue.max_wait
         ├── ShuttingDown         503  the proxy is stopping
+        ├── Unavailable          503  the database behind an admin route cannot be read
         └── UpstreamTimeout      504  Ollama accepted the request but said nothing for idle_timeout
 
 Invalid addresses are plain ``ValueError``s from :mod:`seadragon_proxy.netaddr`.
@@ -35,8 +37,8 @@ class ConfigError(SeadragonError):
         super().__init__(f"{where}: {problem}")
 
 
-class WhitelistError(SeadragonError):
-    """The whitelist database cannot be used; the message says what to do."""
+class DatabaseError(SeadragonError):
+    """The SQLite database cannot be used; the message says what to do."""
 
 
 class RequestError(SeadragonError):
@@ -59,6 +61,11 @@ class BadRequest(RequestError):
 class Forbidden(RequestError):
     status = 403
     openai_type = "permission_error"
+
+
+class NotFound(RequestError):
+    status = 404
+    openai_type = "not_found_error"
 
 
 class RequestTimeout(RequestError):
@@ -98,6 +105,10 @@ class ShuttingDown(RequestError):
 
     def __init__(self) -> None:
         super().__init__("seadragon-proxy is shutting down; try again shortly", retry_after=5)
+
+
+class Unavailable(RequestError):
+    status = 503
 
 
 class UpstreamTimeout(RequestError):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import structlog
 
-from .exceptions import ConfigError, WhitelistError
+from .exceptions import ConfigError, DatabaseError
 from .netaddr import NetworkSet
 from .scheduler import Scheduler
 from .settings import Settings, load_settings
@@ -22,7 +22,7 @@ from .whitelist import WhitelistStore
 log = structlog.get_logger("seadragon.live")
 
 # Sections that only take effect at start-up; an edit to them is reported, not applied.
-RESTART_ONLY = ("server", "upstream", "whitelist", "admin", "log")
+RESTART_ONLY = ("server", "upstream", "whitelist", "admin", "log", "history")
 
 ReloadListener = Callable[[str, bool], None]  # (what: "config" | "whitelist", ok)
 
@@ -77,7 +77,7 @@ class Live:
         """Re-read the whitelist table; on failure keep the last list read."""
         try:
             networks = await self.store.load()
-        except WhitelistError as e:
+        except DatabaseError as e:
             log.warning("whitelist_reload_failed", error=str(e), kept=len(self.whitelist))
             self._notify("whitelist", False)
             return False

@@ -15,16 +15,19 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
+from .defaults import ROUTES as DEFAULT_ROUTES
+from .defaults import apply_defaults, encode
 from .exceptions import (
     Forbidden,
     PayloadTooLarge,
     RequestTimeout,
+    UpstreamTimeout,
     UpstreamUnavailable,
 )
 from .httputil import client_ip, request_id
 from .live import Live
 from .logs import bind_request
-from .payload import inspect_json
+from .payload import JsonBody, inspect_json
 from .policy import RequestFacts
 from .record import Recorder, RequestRecord
 from .routes import Route, classify
@@ -118,6 +121,10 @@ class Proxy:
             status = getattr(e, "status", 500)
             record.status = status if isinstance(status, int) else 500
             record.error = getattr(e, "message", None) or repr(e)
+            if isinstance(e, UpstreamUnavailable):
+                record.upstream_error = "unreachable"
+            elif isinstance(e, UpstreamTimeout):
+                record.upstream_error = "timeout"
             raise
         finally:
             self.active.discard(task)
@@ -131,7 +138,7 @@ class Proxy:
         if ip is None:
             raise Forbidden("cannot tell the client's address")
         body: bytes | None = None
-        model: str | None = None
+        parsed: JsonBody | None = None
         if route.reads_json:
             if (
                 request.content_length is not None
@@ -141,7 +148,8 @@ class Proxy:
             body = await read_body(
                 request.content, settings.server.max_body, settings.server.body_timeout
             )
-            model = inspect_json(body, require_model=route.queued).model
+            parsed = inspect_json(body, require_model=route.queued)
+        model = parsed.model if parsed else None
         record.model = model
         whitelisted = ip in self.live.whitelist
         facts = RequestFacts(ip, route.path, request.headers, model, whitelisted)
@@ -149,10 +157,15 @@ class Proxy:
         source = decision.source
         record.source, record.priority = source.name, source.priority
         if source.require_whitelist and not whitelisted:
+            record.refusal = "whitelist"
             raise Forbidden(
                 f"client {ip} is not on the whitelist, which source {source.name!r} requires "
                 f"(an administrator can run: seadragon-proxy whitelist add {ip})"
             )
+        if parsed is not None and settings.defaults and route.path in DEFAULT_ROUTES:
+            merged = apply_defaults(parsed.doc, settings.defaults, source.name, model)
+            if merged is not None:
+                body = encode(merged)  # the one case where the body is not forwarded as sent
         headers = request_headers(request.headers)
         data: bytes | AsyncIterator[bytes] | None = body
         if body is None and request.body_exists:
@@ -230,6 +243,8 @@ class Proxy:
         ):
             response.content_length = upstream.content_length
         record.status = upstream.status
+        if upstream.status >= 500:
+            record.upstream_error = "status_5xx"
         tail = UsageTail() if slot is not None else None
         finished = False
         try:
@@ -299,8 +314,10 @@ class Proxy:
                 f"Ollama at {self.upstream.url} sent nothing for upstream.idle_timeout "
                 f"({self.upstream.settings.idle_timeout:g} s)"
             )
+            record.upstream_error = "timeout"
         else:
             message = f"Ollama at {self.upstream.url} broke off the response: {error}"
+            record.upstream_error = "broke_off"
         record.error = message
         upstream.close()
         line = stream_error_line(upstream.content_type, message)

@@ -32,6 +32,8 @@ class RequestRecord:
     usage: Usage | None = None
     hung_up: bool = False
     error: str | None = None
+    refusal: str | None = None  # "whitelist" when refused for not being on it
+    upstream_error: str | None = None  # unreachable, timeout, broke_off, status_5xx
 
     def fields(self) -> dict[str, object]:
         """The canonical line's key/values; zero-information fields are left out."""

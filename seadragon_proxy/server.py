@@ -55,7 +55,7 @@ class RunningServer:
 
 
 async def start_server(settings: Settings) -> RunningServer:
-    """Start listening; raises ``WhitelistError``/``OSError`` if that is impossible."""
+    """Start listening; raises ``DatabaseError``/``OSError`` if that is impossible."""
     app = create_app(settings)
     runner = web.AppRunner(
         app,

@@ -101,6 +101,32 @@ class CorsSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class HistorySettings:
+    enabled: bool = True
+    retention_days: float = 30.0  # rows older than this are pruned; 0 = keep regardless of age
+    retention_rows: int = 1_000_000  # at most this many rows are kept; 0 = no limit
+    flush_interval: float = 1.0  # seconds between batched writes
+
+
+OptionValue = str | int | float | bool | tuple[str | int | float | bool, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RequestDefaults:
+    """Options merged into matching requests' bodies where the client did not set them."""
+
+    sources: tuple[Glob, ...] = ()  # empty: any source
+    models: tuple[Glob, ...] = ()  # empty: any model
+    options: tuple[tuple[str, OptionValue], ...] = ()
+    keep_alive: str | int | float | None = None
+
+    def applies(self, source: str, model: str | None) -> bool:
+        if self.sources and not any(g.matches(source) for g in self.sources):
+            return False
+        return not self.models or (model is not None and any(g.matches(model) for g in self.models))
+
+
+@dataclass(frozen=True, slots=True)
 class LogSettings:
     format: LogFormat = "auto"
     level: LogLevel = "info"
@@ -117,6 +143,8 @@ class Settings:
     admin: AdminSettings = field(default_factory=AdminSettings)
     cors: CorsSettings = field(default_factory=CorsSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    history: HistorySettings = field(default_factory=HistorySettings)
+    defaults: tuple[RequestDefaults, ...] = ()
 
     def override(
         self, *, host: str | None = None, port: int | None = None, upstream: str | None = None
@@ -192,7 +220,9 @@ def parse_settings(
     admin = _admin(top.section("admin"), env)
     cors = _cors(top.section("cors"))
     log = _log(top.section("log"))
+    history = _history(top.section("history"))
     policy = _policy(top)
+    defaults = _defaults(top)
     top.done()
     return Settings(
         policy=policy,
@@ -204,6 +234,8 @@ def parse_settings(
         admin=admin,
         cors=cors,
         log=log,
+        history=history,
+        defaults=defaults,
     )
 
 
@@ -295,6 +327,57 @@ def _log(s: Section) -> LogSettings:
     level = s.choice("level", "info", ("debug", "info", "warning", "error"))
     s.done()
     return LogSettings(format=fmt, level=level)  # type: ignore[arg-type]  # checked by choice()
+
+
+def _history(s: Section) -> HistorySettings:
+    d = HistorySettings()
+    result = HistorySettings(
+        enabled=s.flag("enabled", d.enabled),
+        retention_days=s.seconds("retention_days", d.retention_days),
+        retention_rows=s.integer("retention_rows", d.retention_rows, min=0),
+        flush_interval=s.seconds("flush_interval", d.flush_interval, min=0.01),
+    )
+    s.done()
+    return result
+
+
+_SCALARS = (str, int, float, bool)
+
+
+def _defaults(top: Section) -> tuple[RequestDefaults, ...]:
+    raw = top.get("defaults")
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        top.fail("defaults", "must be a list of {match, options, keep_alive} entries")
+    entries: list[RequestDefaults] = []
+    for index, item in enumerate(raw):
+        s = Section(item, file=top.file, key=f"defaults[{index}]")
+        m = s.section("match")
+        sources = _globs(m, "source")
+        models = _globs(m, "model")
+        m.done()
+        o = s.section("options")
+        options: list[tuple[str, OptionValue]] = []
+        for name in list(o.raw):
+            value = o.get(name)
+            if isinstance(value, list) and all(isinstance(v, _SCALARS) for v in value):
+                options.append((name, tuple(value)))
+            elif isinstance(value, _SCALARS):
+                options.append((name, value))
+            else:
+                o.fail(name, "must be a number, string, true/false or a list of them")
+        o.done()
+        keep_alive = s.get("keep_alive")
+        if keep_alive is not None and (
+            isinstance(keep_alive, bool) or not isinstance(keep_alive, (str, int, float))
+        ):
+            s.fail("keep_alive", "must be a duration such as 30m or a number of seconds")
+        if not options and keep_alive is None:
+            s.fail(None, "sets nothing; give options or keep_alive")
+        s.done()
+        entries.append(RequestDefaults(sources, models, tuple(options), keep_alive))
+    return tuple(entries)
 
 
 def _policy(top: Section) -> Policy:

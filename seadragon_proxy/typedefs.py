@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from .history import History
 from .live import Live
+from .metrics import Metrics
 from .proxy import Proxy
 from .record import Recorder
 from .scheduler import Scheduler
@@ -15,3 +17,5 @@ SCHEDULER = web.AppKey("scheduler", Scheduler)
 UPSTREAM = web.AppKey("upstream", Upstream)
 RECORDER = web.AppKey("recorder", Recorder)
 PROXY = web.AppKey("proxy", Proxy)
+METRICS = web.AppKey("metrics", Metrics)
+HISTORY: web.AppKey[History | None] = web.AppKey("history")

@@ -8,6 +8,7 @@ file at all, so the proxy's file watcher sees writes and only writes.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,7 +18,7 @@ from urllib.parse import quote
 
 import aiosqlite
 
-from .exceptions import WhitelistError
+from .exceptions import DatabaseError
 from .netaddr import LOOPBACK, IPNetwork, NetworkSet, format_network, parse_network
 
 SCHEMA_VERSION = 1
@@ -39,7 +40,9 @@ class Entry:
     added_at: str
 
 
-def explain_sqlite_error(path: Path, error: BaseException) -> WhitelistError:
+def explain_sqlite_error(
+    path: Path, error: BaseException, what: str = "whitelist database"
+) -> DatabaseError:
     """Turn a sqlite3 error into one sentence that says what is wrong and what to do."""
     text = str(error).lower()
     if "locked" in text or "busy" in text:
@@ -55,7 +58,36 @@ def explain_sqlite_error(path: Path, error: BaseException) -> WhitelistError:
         hint = "cannot be opened; check that the path exists and that this user may read it"
     else:
         hint = f"failed: {error}"
-    return WhitelistError(f"whitelist database {path} {hint}")
+    return DatabaseError(f"{what} {path} {hint}")
+
+
+@asynccontextmanager
+async def connect(
+    path: Path,
+    *,
+    create: bool = False,
+    busy_timeout: float = BUSY_TIMEOUT,
+    what: str = "whitelist database",
+) -> AsyncIterator[aiosqlite.Connection]:
+    """A short-lived connection; ``sqlite3`` errors become ``DatabaseError`` sentences.
+
+    Without ``create`` a missing file is an error (SQLite's ``mode=rw``), never a new file.
+    Nothing here touches the file system from the event loop: aiosqlite works in its own
+    thread, and the one ``stat`` (telling "missing" from "unreadable") runs in another.
+    """
+    try:
+        if create:
+            await asyncio.to_thread(path.parent.mkdir, parents=True, exist_ok=True)
+        uri = f"file:{quote(str(path))}?mode={'rwc' if create else 'rw'}"
+        async with aiosqlite.connect(uri, uri=True, timeout=busy_timeout) as db:
+            yield db
+    except (sqlite3.Error, OSError) as e:
+        if not create and not await asyncio.to_thread(path.exists):
+            raise DatabaseError(
+                f"{what} {path} is missing; it is created by the next "
+                "'seadragon-proxy whitelist add' or proxy start"
+            ) from e
+        raise explain_sqlite_error(path, e, what) from e
 
 
 class WhitelistStore:
@@ -71,19 +103,8 @@ class WhitelistStore:
 
     @asynccontextmanager
     async def _connect(self, *, create: bool = False) -> AsyncIterator[aiosqlite.Connection]:
-        if not create and not self.path.exists():
-            raise WhitelistError(
-                f"whitelist database {self.path} is missing; it is created by the next "
-                "'seadragon-proxy whitelist' command or proxy start"
-            )
-        try:
-            if create:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-            uri = f"file:{quote(str(self.path))}?mode={'rwc' if create else 'rw'}"
-            async with aiosqlite.connect(uri, uri=True, timeout=self.busy_timeout) as db:
-                yield db
-        except (sqlite3.Error, OSError) as e:
-            raise explain_sqlite_error(self.path, e) from e
+        async with connect(self.path, create=create, busy_timeout=self.busy_timeout) as db:
+            yield db
 
     async def ensure(self) -> bool:
         """Create the database and table if needed; seed loopback on creation. True if created."""

@@ -20,6 +20,7 @@ import aiohttp
 import pytest
 
 from seadragon_proxy.fake_ollama import FakeOllama
+from seadragon_proxy.typedefs import HISTORY
 
 from .conftest import MODEL, Proxy, ProxyFactory
 from .served import Served, start_served
@@ -185,7 +186,11 @@ async def test_python_heap_returns_to_its_baseline_after_a_burst(make_proxy: Pro
 
 
 async def settle(proxy: Proxy) -> None:
-    """Drop the test's own records of the traffic, let closes run, collect cycles."""
+    """Write the history batch, drop the test's own records of the traffic, let closes run,
+    collect cycles."""
+    history = proxy.server.app[HISTORY]
+    if history is not None:
+        await history.flush()
     for _ in range(20):
         await asyncio.sleep(0)
     proxy.fake.requests.clear()

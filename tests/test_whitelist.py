@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from seadragon_proxy.exceptions import WhitelistError
+from seadragon_proxy.exceptions import DatabaseError
 from seadragon_proxy.netaddr import parse_address
 from seadragon_proxy.whitelist import WhitelistStore
 
@@ -64,16 +64,16 @@ async def test_rows_that_fail_validation_are_not_trusted(store: WhitelistStore) 
 
 
 async def test_missing_database(store: WhitelistStore) -> None:
-    with pytest.raises(WhitelistError, match="is missing; it is created by the next"):
+    with pytest.raises(DatabaseError, match="is missing; it is created by the next"):
         await store.load()
 
 
 async def test_corrupt_database(store: WhitelistStore) -> None:
     store.path.parent.mkdir(parents=True)
     store.path.write_bytes(b"this is not sqlite" * 100)
-    with pytest.raises(WhitelistError, match=r"corrupt.*move it aside"):
+    with pytest.raises(DatabaseError, match=r"corrupt.*move it aside"):
         await store.load()
-    with pytest.raises(WhitelistError, match="corrupt"):
+    with pytest.raises(DatabaseError, match="corrupt"):
         await store.add("10.0.0.1")
 
 
@@ -81,7 +81,7 @@ async def test_read_only_database(store: WhitelistStore) -> None:
     await store.ensure()
     with read_only(store.path):
         assert len(await store.load()) == 2  # reading still works
-        with pytest.raises(WhitelistError, match="is read-only; give this user write access"):
+        with pytest.raises(DatabaseError, match="is read-only; give this user write access"):
             await store.add("10.0.0.1")
 
 
@@ -90,7 +90,7 @@ async def test_locked_by_another_writer(store: WhitelistStore) -> None:
     other = sqlite3.connect(store.path, isolation_level=None)
     other.execute("BEGIN EXCLUSIVE")
     try:
-        with pytest.raises(WhitelistError, match="locked by another writer; try again"):
+        with pytest.raises(DatabaseError, match="locked by another writer; try again"):
             await store.add("10.0.0.1")
     finally:
         other.execute("ROLLBACK")

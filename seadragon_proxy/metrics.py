@@ -1,0 +1,157 @@
+"""Prometheus metrics: one registry per app, fed by finished requests and reloads; queue
+gauges are read from the scheduler when scraped, so they are never out of step with it.
+
+Label values are bounded: routes outside Ollama's known set are ``other``, and a model only
+becomes a label once Ollama has answered for it with a success (a client cannot mint
+label values by sending made-up names).
+"""
+
+from __future__ import annotations
+
+from collections import Counter as Tally
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .record import RequestRecord
+from .routes import INFERENCE_PATHS, JSON_PATHS
+from .scheduler import Scheduler
+
+KNOWN_ROUTES = INFERENCE_PATHS | JSON_PATHS | {
+    "/", "/api/version", "/api/tags", "/api/ps", "/api/me", "/api/signout", "/v1/models",
+}  # fmt: skip
+WAIT_BUCKETS = (0.005, 0.05, 0.25, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+DURATION_BUCKETS = (0.05, 0.25, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+TPS_BUCKETS = (1, 2, 5, 10, 15, 20, 30, 50, 75, 100, 150, 250, 500)
+
+
+def route_label(route: str) -> str:
+    if route in KNOWN_ROUTES:
+        return route
+    if route.startswith("/api/blobs/"):
+        return "/api/blobs/:digest"
+    if route.startswith("/v1/models/"):
+        return "/v1/models/:model"
+    return "other"
+
+
+class QueueCollector(Collector):
+    """Queue length and in-flight requests per source, as the scheduler has them now."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+
+    def collect(self) -> Iterable[Metric]:
+        waiting = Tally(t.source for t in self.scheduler.queued())
+        running = Tally(t.source for t in self.scheduler.running())
+        queue = GaugeMetricFamily(
+            "seadragon_queue_length", "Requests waiting for a slot, by source.", labels=["source"]
+        )
+        busy = GaugeMetricFamily(
+            "seadragon_in_flight", "Requests at Ollama now, by source.", labels=["source"]
+        )
+        for source in sorted(waiting.keys() | running.keys()):
+            queue.add_metric([source], waiting[source])
+            busy.add_metric([source], running[source])
+        slots = GaugeMetricFamily("seadragon_slots", "Requests Ollama may run at once.")
+        slots.add_metric([], self.scheduler.slots)
+        yield from (queue, busy, slots)
+
+
+class Metrics:
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter(
+            "seadragon_requests", "Finished requests.",
+            ["source", "route", "model", "status"], registry=r,
+        )  # fmt: skip
+        self.queue_wait = Histogram(
+            "seadragon_queue_wait_seconds", "Time inference requests waited for a slot.",
+            ["source"], buckets=WAIT_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.upstream_duration = Histogram(
+            "seadragon_upstream_duration_seconds", "Time from sending to Ollama to its last byte.",
+            ["source"], buckets=DURATION_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.tokens = Counter(
+            "seadragon_eval_tokens",
+            "Tokens generated (Ollama's eval_count).",
+            ["model"],
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "seadragon_prompt_tokens", "Prompt tokens evaluated (prompt_eval_count).",
+            ["model"], registry=r,
+        )  # fmt: skip
+        self.eval_seconds = Counter(
+            "seadragon_eval_duration_seconds",
+            "Time spent generating (eval_duration); rate(tokens) / rate(this) = tokens/s.",
+            ["model"], registry=r,
+        )  # fmt: skip
+        self.tokens_per_second = Histogram(
+            "seadragon_generation_tokens_per_second", "Generation speed of each request.",
+            ["model"], buckets=TPS_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.refusals = Counter(
+            "seadragon_whitelist_refusals",
+            "Requests refused because the client is not on the whitelist.",
+            ["source"], registry=r,
+        )  # fmt: skip
+        self.upstream_errors = Counter(
+            "seadragon_upstream_errors",
+            "Ollama failures: unreachable, timeout, broke_off (mid-stream), status_5xx.",
+            ["kind"], registry=r,
+        )  # fmt: skip
+        self.hangups = Counter(
+            "seadragon_client_hangups", "Clients that left before their answer was complete.",
+            ["source"], registry=r,
+        )  # fmt: skip
+        self.reloads = Counter(
+            "seadragon_reloads", "Reloads of the policy (config) and the whitelist.",
+            ["what", "result"], registry=r,
+        )  # fmt: skip
+        r.register(QueueCollector(scheduler))
+        self._models: set[str] = set()
+
+    def model_label(self, record: RequestRecord) -> str:
+        model = record.model
+        if not model:
+            return ""
+        if model in self._models:
+            return model
+        if 200 <= record.status < 300 and len(self._models) < 1000:
+            self._models.add(model)
+            return model
+        return "other"
+
+    def observe(self, record: RequestRecord) -> None:
+        """A Recorder listener: one finished request."""
+        source = record.source or ""
+        model = self.model_label(record)
+        self.requests.labels(source, route_label(record.route), model, str(record.status)).inc()
+        if record.queued and record.status:
+            self.queue_wait.labels(source).observe(record.queue_wait)
+        if record.upstream_time and record.status:
+            self.upstream_duration.labels(source).observe(record.upstream_time)
+        usage = record.usage
+        if usage is not None:
+            self.tokens.labels(model).inc(usage.eval_count)
+            self.prompt_tokens.labels(model).inc(usage.prompt_eval_count)
+            self.eval_seconds.labels(model).inc(usage.eval_duration_ns / 1e9)
+            if usage.tokens_per_second is not None:
+                self.tokens_per_second.labels(model).observe(usage.tokens_per_second)
+        if record.refusal == "whitelist":
+            self.refusals.labels(source).inc()
+        if record.upstream_error:
+            self.upstream_errors.labels(record.upstream_error).inc()
+        if record.hung_up:
+            self.hangups.labels(source).inc()
+
+    def reloaded(self, what: str, ok: bool) -> None:
+        """A Live listener."""
+        self.reloads.labels(what, "ok" if ok else "failed").inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
