@@ -9,9 +9,28 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from .settings import RequestDefaults
+from .policy import Glob
+
+OptionValue = str | int | float | bool | tuple[str | int | float | bool, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RequestDefaults:
+    """Options merged into matching requests' bodies where the client did not set them."""
+
+    sources: tuple[Glob, ...] = ()  # empty: any source
+    models: tuple[Glob, ...] = ()  # empty: any model
+    options: tuple[tuple[str, OptionValue], ...] = ()
+    keep_alive: str | int | float | None = None
+
+    def applies(self, source: str, model: str | None) -> bool:
+        if self.sources and not any(g.matches(source) for g in self.sources):
+            return False
+        return not self.models or (model is not None and any(g.matches(model) for g in self.models))
+
 
 ROUTES = frozenset({"/api/generate", "/api/chat", "/api/embed", "/api/embeddings"})
 

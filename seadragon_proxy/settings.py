@@ -17,9 +17,11 @@ import yaml
 from yarl import URL
 
 from .configfile import Section
+from .defaults import RequestDefaults
 from .exceptions import ConfigError
-from .netaddr import NetworkSet, parse_network
-from .policy import Glob, Match, Policy, Source
+from .netaddr import NetworkSet
+from .policy import Glob, Policy
+from .rulesfile import parse_defaults, parse_policy
 
 MiB = 1024 * 1024
 CONFIG_ENV = "SEADRAGON_CONFIG"
@@ -106,24 +108,6 @@ class HistorySettings:
     retention_days: float = 30.0  # rows older than this are pruned; 0 = keep regardless of age
     retention_rows: int = 1_000_000  # at most this many rows are kept; 0 = no limit
     flush_interval: float = 1.0  # seconds between batched writes
-
-
-OptionValue = str | int | float | bool | tuple[str | int | float | bool, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class RequestDefaults:
-    """Options merged into matching requests' bodies where the client did not set them."""
-
-    sources: tuple[Glob, ...] = ()  # empty: any source
-    models: tuple[Glob, ...] = ()  # empty: any model
-    options: tuple[tuple[str, OptionValue], ...] = ()
-    keep_alive: str | int | float | None = None
-
-    def applies(self, source: str, model: str | None) -> bool:
-        if self.sources and not any(g.matches(source) for g in self.sources):
-            return False
-        return not self.models or (model is not None and any(g.matches(model) for g in self.models))
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,8 +205,8 @@ def parse_settings(
     cors = _cors(top.section("cors"))
     log = _log(top.section("log"))
     history = _history(top.section("history"))
-    policy = _policy(top)
-    defaults = _defaults(top)
+    policy = parse_policy(top)
+    defaults = parse_defaults(top)
     top.done()
     return Settings(
         policy=policy,
@@ -336,111 +320,6 @@ def _history(s: Section) -> HistorySettings:
         retention_days=s.seconds("retention_days", d.retention_days),
         retention_rows=s.integer("retention_rows", d.retention_rows, min=0),
         flush_interval=s.seconds("flush_interval", d.flush_interval, min=0.01),
-    )
-    s.done()
-    return result
-
-
-_SCALARS = (str, int, float, bool)
-
-
-def _defaults(top: Section) -> tuple[RequestDefaults, ...]:
-    raw = top.get("defaults")
-    if raw is None:
-        return ()
-    if not isinstance(raw, list):
-        top.fail("defaults", "must be a list of {match, options, keep_alive} entries")
-    entries: list[RequestDefaults] = []
-    for index, item in enumerate(raw):
-        s = Section(item, file=top.file, key=f"defaults[{index}]")
-        m = s.section("match")
-        sources = _globs(m, "source")
-        models = _globs(m, "model")
-        m.done()
-        o = s.section("options")
-        options: list[tuple[str, OptionValue]] = []
-        for name in list(o.raw):
-            value = o.get(name)
-            if isinstance(value, list) and all(isinstance(v, _SCALARS) for v in value):
-                options.append((name, tuple(value)))
-            elif isinstance(value, _SCALARS):
-                options.append((name, value))
-            else:
-                o.fail(name, "must be a number, string, true/false or a list of them")
-        o.done()
-        keep_alive = s.get("keep_alive")
-        if keep_alive is not None and (
-            isinstance(keep_alive, bool) or not isinstance(keep_alive, (str, int, float))
-        ):
-            s.fail("keep_alive", "must be a duration such as 30m or a number of seconds")
-        if not options and keep_alive is None:
-            s.fail(None, "sets nothing; give options or keep_alive")
-        s.done()
-        entries.append(RequestDefaults(sources, models, tuple(options), keep_alive))
-    return tuple(entries)
-
-
-def _policy(top: Section) -> Policy:
-    raw_sources = top.get("sources")
-    if raw_sources is None:
-        top.fail("sources", "is missing; list at least one source")
-    if not isinstance(raw_sources, list) or not raw_sources:
-        top.fail("sources", "must be a non-empty list of sources")
-    sources: list[Source] = []
-    for index, raw in enumerate(raw_sources):
-        s = Section(raw, file=top.file, key=f"sources[{index}]")
-        name = s.text("name", "")
-        if not name:
-            s.fail("name", "is missing; every source needs a name")
-        if any(existing.name == name for existing in sources):
-            s.fail("name", f"{name!r} is used by an earlier source; names must be unique")
-        if not s.has("priority"):
-            s.fail("priority", "is missing; lower numbers are served first")
-        source = Source(
-            name=name,
-            priority=s.integer("priority", 0),
-            match=_match(s.section("match")) if s.has("match") else None,
-            require_whitelist=s.flag("require_whitelist", False),
-        )
-        s.done()
-        sources.append(source)
-    default_name = top.text("default_source", "")
-    if not default_name:
-        top.fail("default_source", "is missing; name the source for requests no rule matches")
-    default = next((s for s in sources if s.name == default_name), None)
-    if default is None:
-        names = ", ".join(s.name for s in sources)
-        top.fail("default_source", f"{default_name!r} names no source (sources are: {names})")
-    return Policy(sources=tuple(sources), default=default)
-
-
-def _globs(s: Section, name: str) -> tuple[Glob, ...]:
-    return tuple(Glob.compile(p) for p in s.strings(name))
-
-
-def _match(s: Section) -> Match:
-    header = s.get("header")
-    headers: list[tuple[str, tuple[Glob, ...]]] = []
-    if header is not None:
-        h = Section(header, file=s.file, key=s.path("header") or "header")
-        for name in list(h.raw):
-            headers.append((name, _globs(h, name)))
-        h.done()
-    client_ip = None
-    if s.has("client_ip"):
-        try:
-            client_ip = NetworkSet(parse_network(t) for t in s.strings("client_ip"))
-        except ValueError as e:
-            s.fail("client_ip", str(e))
-    whitelisted = s.flag("whitelisted", False) if s.has("whitelisted") else None
-    result = Match(
-        user_agent=_globs(s, "user_agent"),
-        origin=tuple(Glob.compile(o.rstrip("/")) for o in s.strings("origin")),
-        header=tuple(headers),
-        client_ip=client_ip,
-        path=_globs(s, "path"),
-        model=_globs(s, "model"),
-        whitelisted=whitelisted,
     )
     s.done()
     return result

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from seadragon_proxy.defaults import apply_defaults
+from seadragon_proxy.defaults import RequestDefaults, apply_defaults
 from seadragon_proxy.exceptions import ConfigError
-from seadragon_proxy.settings import RequestDefaults, parse_settings
+from seadragon_proxy.settings import parse_settings
 
 from .conftest import MODEL, Proxy, ProxyFactory
 

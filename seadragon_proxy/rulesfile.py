@@ -1,0 +1,113 @@
+"""The ``sources``, ``default_source`` and ``defaults`` sections of the config file, read
+into a ``Policy`` and ``RequestDefaults``. Every error names the file and the dotted key."""
+
+from __future__ import annotations
+
+from .configfile import Section
+from .defaults import OptionValue, RequestDefaults
+from .netaddr import NetworkSet, parse_network
+from .policy import Glob, Match, Policy, Source
+
+_SCALARS = (str, int, float, bool)
+
+
+def parse_defaults(top: Section) -> tuple[RequestDefaults, ...]:
+    raw = top.get("defaults")
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        top.fail("defaults", "must be a list of {match, options, keep_alive} entries")
+    entries: list[RequestDefaults] = []
+    for index, item in enumerate(raw):
+        s = Section(item, file=top.file, key=f"defaults[{index}]")
+        m = s.section("match")
+        sources = _globs(m, "source")
+        models = _globs(m, "model")
+        m.done()
+        o = s.section("options")
+        options: list[tuple[str, OptionValue]] = []
+        for name in list(o.raw):
+            value = o.get(name)
+            if isinstance(value, list) and all(isinstance(v, _SCALARS) for v in value):
+                options.append((name, tuple(value)))
+            elif isinstance(value, _SCALARS):
+                options.append((name, value))
+            else:
+                o.fail(name, "must be a number, string, true/false or a list of them")
+        o.done()
+        keep_alive = s.get("keep_alive")
+        if keep_alive is not None and (
+            isinstance(keep_alive, bool) or not isinstance(keep_alive, (str, int, float))
+        ):
+            s.fail("keep_alive", "must be a duration such as 30m or a number of seconds")
+        if not options and keep_alive is None:
+            s.fail(None, "sets nothing; give options or keep_alive")
+        s.done()
+        entries.append(RequestDefaults(sources, models, tuple(options), keep_alive))
+    return tuple(entries)
+
+
+def parse_policy(top: Section) -> Policy:
+    raw_sources = top.get("sources")
+    if raw_sources is None:
+        top.fail("sources", "is missing; list at least one source")
+    if not isinstance(raw_sources, list) or not raw_sources:
+        top.fail("sources", "must be a non-empty list of sources")
+    sources: list[Source] = []
+    for index, raw in enumerate(raw_sources):
+        s = Section(raw, file=top.file, key=f"sources[{index}]")
+        name = s.text("name", "")
+        if not name:
+            s.fail("name", "is missing; every source needs a name")
+        if any(existing.name == name for existing in sources):
+            s.fail("name", f"{name!r} is used by an earlier source; names must be unique")
+        if not s.has("priority"):
+            s.fail("priority", "is missing; lower numbers are served first")
+        source = Source(
+            name=name,
+            priority=s.integer("priority", 0),
+            match=_match(s.section("match")) if s.has("match") else None,
+            require_whitelist=s.flag("require_whitelist", False),
+        )
+        s.done()
+        sources.append(source)
+    default_name = top.text("default_source", "")
+    if not default_name:
+        top.fail("default_source", "is missing; name the source for requests no rule matches")
+    default = next((s for s in sources if s.name == default_name), None)
+    if default is None:
+        names = ", ".join(s.name for s in sources)
+        top.fail("default_source", f"{default_name!r} names no source (sources are: {names})")
+    return Policy(sources=tuple(sources), default=default)
+
+
+def _globs(s: Section, name: str) -> tuple[Glob, ...]:
+    return tuple(Glob.compile(p) for p in s.strings(name))
+
+
+def _match(s: Section) -> Match:
+    header = s.get("header")
+    headers: list[tuple[str, tuple[Glob, ...]]] = []
+    if header is not None:
+        h = Section(header, file=s.file, key=s.path("header") or "header")
+        for name in list(h.raw):
+            headers.append((name, _globs(h, name)))
+        h.done()
+    client_ip = None
+    if s.has("client_ip"):
+        try:
+            client_ip = NetworkSet(parse_network(t) for t in s.strings("client_ip"))
+        except ValueError as e:
+            s.fail("client_ip", str(e))
+    whitelisted = s.flag("whitelisted", False) if s.has("whitelisted") else None
+    result = Match(
+        user_agent=_globs(s, "user_agent"),
+        origin=tuple(Glob.compile(o.rstrip("/")) for o in s.strings("origin")),
+        header=tuple(headers),
+        client_ip=client_ip,
+        path=_globs(s, "path"),
+        model=_globs(s, "model"),
+        whitelisted=whitelisted,
+    )
+    s.done()
+    return result
