@@ -67,7 +67,7 @@ class Live:
             log.info(
                 "config_reloaded",
                 file=str(path),
-                sources=[s.name for s in new.policy.sources],
+                sources={s.name: s.priority for s in new.policy.sources},
                 default_source=new.policy.default.name,
             )
             self._notify("config", True)
