@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import time
 from dataclasses import asdict
 
@@ -196,7 +197,8 @@ async def timeseries_view(request: web.Request) -> web.Response:
     minutes = _bounded_int(request, "minutes", 60, 1, 24 * 60)
     step = _bounded_int(request, "step", 60, 5, 3600)
     await history.flush()
-    since = time.time() - minutes * 60
+    # Buckets start at whole multiples of the step, so they stay put between refreshes.
+    since = math.floor((time.time() - minutes * 60) / step) * step
     try:
         series = await timeseries(history.path, since, step)
     except DatabaseError as e:

@@ -79,7 +79,16 @@ def create_app(settings: Settings) -> web.Application:
 def _log_queue_event(event: str, ticket: Ticket) -> None:
     """At debug level, the queue's story: when each request joined the line and got its turn."""
     if event in ("queued", "started"):
-        log.debug(f"request_{event}", id=ticket.id, source=ticket.source, priority=ticket.priority)
+        # A ticket starts inside whichever request released the slot, so its own id and
+        # address are given explicitly rather than taken from the bound request context.
+        log.debug(
+            f"request_{event}",
+            id=ticket.id,
+            request_id=ticket.id,
+            client_ip=ticket.client_ip,
+            source=ticket.source,
+            priority=ticket.priority,
+        )
 
 
 async def whitelist_ctx(app: web.Application) -> AsyncIterator[None]:

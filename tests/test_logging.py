@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import structlog
 from structlog.contextvars import merge_contextvars
@@ -91,3 +93,28 @@ def test_redaction_processor_ignores_case() -> None:
         "token": "[redacted]",
         "model": "m",
     }
+
+
+async def test_queue_events_carry_their_own_request_id(proxy: Proxy) -> None:
+    """A waiter starts inside the request that freed the slot; its line must still be its own."""
+    gate = proxy.fake.gate("block")
+    with capture_logs(processors=[merge_contextvars]) as logs:
+        blocker = asyncio.create_task(proxy.generate("gate:block"))
+        await proxy.fake.wait_for(1)
+        waiting = asyncio.create_task(
+            proxy.collect(
+                "/api/generate",
+                {"model": MODEL, "prompt": "next"},
+                {
+                    "X-Request-Id": "waiter-1",
+                    "X-Forwarded-For": "127.0.0.9",
+                    "X-Test-Source": "coding",
+                },
+            )
+        )
+        await proxy.watch.queued(1)
+        gate.set()
+        await asyncio.gather(blocker, waiting)
+    started = [e for e in logs if e["event"] == "request_started" and e["id"] == "waiter-1"]
+    assert started and started[0]["request_id"] == "waiter-1"
+    assert started[0]["client_ip"] == "127.0.0.9"
