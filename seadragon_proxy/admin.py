@@ -18,34 +18,47 @@ from .exceptions import BadRequest, DatabaseError, Forbidden, NotFound, Unavaila
 from .history import History, parse_since, summarize, timeseries
 from .httputil import client_ip
 from .scheduler import Scheduler, Ticket
+from .settings import Secret
 from .typedefs import HISTORY, LIVE, METRICS, SCHEDULER, UPSTREAM
 
 
-def authorize(request: web.Request) -> None:
-    """Raise ``Forbidden`` unless the request may use the admin routes."""
-    settings = request.app[LIVE].settings
-    token = settings.admin.token
-    if token is not None:
-        given = request.headers.get("Authorization", "")
-        expected = f"Bearer {token.reveal()}"
-        # Hash both so the comparison takes the same time whatever the lengths.
-        if not hmac.compare_digest(
-            hashlib.sha256(given.encode()).digest(), hashlib.sha256(expected.encode()).digest()
-        ):
+def _bearer_matches(request: web.Request, token: Secret) -> bool:
+    given = request.headers.get("Authorization", "")
+    expected = f"Bearer {token.reveal()}"
+    # Hash both so the comparison takes the same time whatever the lengths.
+    return hmac.compare_digest(
+        hashlib.sha256(given.encode()).digest(), hashlib.sha256(expected.encode()).digest()
+    )
+
+
+def authorize(request: web.Request, *, metrics: bool = False) -> None:
+    """Raise ``Forbidden`` unless the request may use the admin routes (or, with
+    ``metrics``, /metrics, which the read-only metrics token also opens)."""
+    admin = request.app[LIVE].settings.admin
+    if (
+        metrics
+        and admin.metrics_token is not None
+        and _bearer_matches(request, admin.metrics_token)
+    ):
+        return
+    if admin.token is not None:
+        if not _bearer_matches(request, admin.token):
             raise Forbidden(
                 "admin routes need the header 'Authorization: Bearer <token>' with the token "
-                f"from ${settings.admin.token_env}"
+                f"from ${admin.token_env}"
             )
         return
-    ip = client_ip(request, settings)
+    ip = client_ip(request, request.app[LIVE].settings)
     if ip is None or not ip.is_loopback:
         raise Forbidden(
-            f"admin routes are open to loopback clients only until ${settings.admin.token_env} "
+            f"admin routes are open to loopback clients only until ${admin.token_env} "
             "is set; set it and send 'Authorization: Bearer <token>'"
         )
 
 
-def ticket_view(ticket: Ticket, scheduler: Scheduler, now: float) -> dict[str, object]:
+def ticket_view(
+    ticket: Ticket, scheduler: Scheduler, now: float, *, waiting: bool = True
+) -> dict[str, object]:
     view: dict[str, object] = {
         "id": ticket.id,
         "source": ticket.source,
@@ -56,7 +69,7 @@ def ticket_view(ticket: Ticket, scheduler: Scheduler, now: float) -> dict[str, o
         "wait_time": round(ticket.waited(now), 3),
     }
     effective = scheduler.effective_priority(ticket, now)
-    if effective != ticket.priority:
+    if waiting and effective != ticket.priority:  # aging only matters while in line
         view["effective_priority"] = round(effective, 3)
     return view
 
@@ -68,7 +81,7 @@ async def queue_view(request: web.Request) -> web.Response:
     now = scheduler.now()
     processing = []
     for ticket in scheduler.running():
-        view = ticket_view(ticket, scheduler, now)
+        view = ticket_view(ticket, scheduler, now, waiting=False)
         view["running_time"] = round(now - ticket.started_at, 3)
         processing.append(view)
     return web.json_response(
@@ -207,6 +220,6 @@ async def timeseries_view(request: web.Request) -> web.Response:
 
 
 async def metrics_view(request: web.Request) -> web.Response:
-    """Prometheus text format; the same access rule as the admin routes."""
-    authorize(request)
+    """Prometheus text format: the admin routes' access rule, or the metrics token."""
+    authorize(request, metrics=True)
     return web.Response(body=request.app[METRICS].render(), headers={"Content-Type": CONTENT_TYPE})

@@ -16,7 +16,12 @@ from .exceptions import ShuttingDown
 from .history import History
 from .live import Live
 from .metrics import Metrics
-from .middlewares import cors_headers, cors_middleware, error_middleware
+from .middlewares import (
+    answer_headers,
+    cors_middleware,
+    error_middleware,
+    request_id_middleware,
+)
 from .proxy import Proxy
 from .record import Recorder
 from .scheduler import Scheduler, Ticket
@@ -50,7 +55,8 @@ def create_app(settings: Settings) -> web.Application:
 
     # Bodies are read by the proxy itself, bounded by server.max_body.
     app = web.Application(
-        middlewares=[cors_middleware, error_middleware], client_max_size=settings.server.max_body
+        middlewares=[request_id_middleware, cors_middleware, error_middleware],
+        client_max_size=settings.server.max_body,
     )
     app[LIVE] = live
     app[SCHEDULER] = scheduler
@@ -60,7 +66,7 @@ def create_app(settings: Settings) -> web.Application:
     app[METRICS] = metrics
     app[HISTORY] = history
     app.cleanup_ctx.extend([whitelist_ctx, history_ctx, upstream_ctx, watcher_ctx, scheduler_ctx])
-    app.on_response_prepare.append(cors_headers)
+    app.on_response_prepare.append(answer_headers)
 
     app.router.add_get("/health", admin.health_view, allow_head=True)
     app.router.add_get("/api/ollama/health", admin.health_view, allow_head=True)

@@ -14,7 +14,8 @@
         ├── QueueTimeout         503  waited longer than queue.max_wait
         ├── ShuttingDown         503  the proxy is stopping
         ├── Unavailable          503  the database behind an admin route cannot be read
-        └── UpstreamTimeout      504  Ollama accepted the request but said nothing for idle_timeout
+        ├── UpstreamTimeout      504  Ollama accepted the request but said nothing for idle_timeout
+        └── LoopDetected         508  upstream.url leads back to this proxy
 
 Invalid addresses are plain ``ValueError``s from :mod:`seadragon_proxy.netaddr`.
 """
@@ -113,3 +114,7 @@ class Unavailable(RequestError):
 
 class UpstreamTimeout(RequestError):
     status = 504
+
+
+class LoopDetected(RequestError):
+    status = 508

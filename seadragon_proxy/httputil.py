@@ -26,12 +26,12 @@ def client_ip(request: web.Request, settings: Settings) -> IPAddress | None:
 
 
 def request_id(request: web.Request) -> str:
-    """The caller's ``X-Request-Id`` when it is a sane token, else a fresh one; remembered
-    on the request so error answers carry it too."""
-    given = request.headers.get("X-Request-Id", "")
-    ident = given if _REQUEST_ID.match(given) else uuid.uuid4().hex[:16]
-    request[REQUEST_ID] = ident
-    return ident
+    """The caller's ``X-Request-Id`` when it is a sane token, else a fresh one. Assigned once
+    per request (``request_id_middleware``) and echoed on every answer."""
+    if REQUEST_ID not in request:
+        given = request.headers.get("X-Request-Id", "")
+        request[REQUEST_ID] = given if _REQUEST_ID.match(given) else uuid.uuid4().hex[:16]
+    return request[REQUEST_ID]
 
 
 def wants_openai_errors(path: str) -> bool:

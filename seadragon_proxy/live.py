@@ -74,15 +74,17 @@ class Live:
             return True
 
     async def reload_whitelist(self) -> bool:
-        """Re-read the whitelist table; on failure keep the last list read."""
+        """Re-read the whitelist table; on failure keep the last list read. Listeners hear
+        of changes and failures, not of reads that found the same list."""
         try:
             networks = await self.store.load()
         except DatabaseError as e:
             log.warning("whitelist_reload_failed", error=str(e), kept=len(self.whitelist))
             self._notify("whitelist", False)
             return False
-        if networks != self.whitelist:
-            self.whitelist = networks
-            log.info("whitelist_reloaded", entries=len(networks))
+        if networks == self.whitelist:
+            return True  # the file changed for another reason (the request history)
+        self.whitelist = networks
+        log.info("whitelist_reloaded", entries=len(networks))
         self._notify("whitelist", True)
         return True

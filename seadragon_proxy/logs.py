@@ -144,8 +144,10 @@ def configure_logging(
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(max(level, logging.INFO))
-    # The canonical request line replaces aiohttp's access log.
+    # The canonical request line replaces aiohttp's access log; watchfiles' "N changes
+    # detected" lines say nothing the reload events do not.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)
 
 
 def stop_logging() -> None:

@@ -7,10 +7,13 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from .exceptions import RequestError
-from .httputil import REQUEST_ID, error_response, wants_openai_errors
+from .httputil import REQUEST_ID, client_ip, error_response, request_id, wants_openai_errors
+from .logs import bind_request
 from .policy import Glob
+from .record import RequestRecord
+from .routes import canonical_path
 from .settings import CorsSettings
-from .typedefs import LIVE
+from .typedefs import LIVE, RECORDER
 
 log = structlog.get_logger("seadragon.http")
 
@@ -50,8 +53,6 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         log.exception("unhandled_error", path=request.path)
         error = RequestError("seadragon-proxy hit an internal error; see its log")
         response = error_response(error, openai=wants_openai_errors(request.path))
-    if REQUEST_ID in request:
-        response.headers["X-Request-Id"] = request[REQUEST_ID]
     if not request.content.is_eof():
         # Refused before its body was read (413, 408, a 403 on an upload): close rather
         # than wait for, or read, the rest of whatever the client is still sending.
@@ -60,13 +61,21 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 
 @web.middleware
+async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """First of all: every request gets its id before anything can answer it."""
+    request_id(request)
+    return await handler(request)
+
+
+@web.middleware
 async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Preflights are answered here; a browser Origin that is not allowed gets Ollama's
-    answer to it: 403 with an empty body."""
+    answer to it: 403 with an empty body (logged and counted like any refusal)."""
     origin = request.headers.get("Origin")
     if origin is None:
         return await handler(request)
     if not origin_allowed(origin, request.app[LIVE].settings.cors):
+        _record_refused_origin(request, origin)
         return web.Response(status=403)
     if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
         requested = request.headers.get("Access-Control-Request-Headers")
@@ -81,8 +90,27 @@ async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamR
     return await handler(request)
 
 
-async def cors_headers(request: web.Request, response: web.StreamResponse) -> None:
-    """``on_response_prepare``: runs just before headers go out, streams included."""
+def _record_refused_origin(request: web.Request, origin: str) -> None:
+    settings = request.app[LIVE].settings
+    record = RequestRecord(
+        id=request_id(request),
+        method=request.method,
+        route=canonical_path(request.path),
+        client_ip=str(client_ip(request, settings)),
+        status=403,
+        refusal="origin",
+        error=f"browser origin {origin[:200]!r} is not allowed (cors.allow_origins)",
+        user_agent=request.headers.get("User-Agent"),
+    )
+    bind_request(request_id=record.id, client_ip=record.client_ip)
+    request.app[RECORDER].emit(record)
+
+
+async def answer_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``, just before any answer's headers go out (streams included):
+    the request id, and the CORS headers for an allowed browser origin."""
+    if REQUEST_ID in request:
+        response.headers["X-Request-Id"] = request[REQUEST_ID]
     origin = request.headers.get("Origin")
     if origin is not None and origin_allowed(origin, request.app[LIVE].settings.cors):
         response.headers["Access-Control-Allow-Origin"] = origin

@@ -120,6 +120,7 @@ class Source:
     priority: int
     match: Match | None = None
     require_whitelist: bool = False
+    max_wait: float | None = None  # seconds; None = queue.max_wait, 0 = no limit
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,7 @@ from .defaults import ROUTES as DEFAULT_ROUTES
 from .defaults import apply_defaults, encode
 from .exceptions import (
     Forbidden,
+    LoopDetected,
     PayloadTooLarge,
     RequestTimeout,
     UpstreamTimeout,
@@ -32,7 +33,7 @@ from .policy import RequestFacts
 from .record import Recorder, RequestRecord
 from .routes import Route, classify
 from .scheduler import Scheduler, Slot, Ticket
-from .upstream import Health, Upstream, request_headers, response_headers
+from .upstream import Health, Upstream, looped, request_headers, response_headers
 from .usage import UsageTail
 
 SHUTDOWN_MESSAGE = "seadragon-proxy is shutting down"
@@ -77,13 +78,25 @@ def _too_large(limit: int) -> str:
     return f"request body is larger than server.max_body ({limit} bytes)"
 
 
-def stream_error_line(content_type: str, message: str) -> bytes | None:
-    """The one line that tells a streaming client the stream failed, in its own framing."""
+def stream_error_line(content_type: str, message: str, after: bytes = b"") -> bytes | None:
+    """The one line that tells a streaming client the stream failed, in its own framing.
+
+    ``after`` is the end of what was already sent: if Ollama broke off mid-line (or
+    mid-event), that line is ended first, so the error line is always a line of its own.
+    """
     if content_type.startswith("application/x-ndjson"):
-        return json.dumps({"error": message}).encode() + b"\n"
+        end = b"\n" if after and not after.endswith(b"\n") else b""
+        return end + json.dumps({"error": message}).encode() + b"\n"
     if content_type.startswith("text/event-stream"):
+        end = (
+            b""
+            if not after or after.endswith(b"\n\n")
+            else b"\n"
+            if after.endswith(b"\n")
+            else b"\n\n"
+        )
         error = {"message": message, "type": "api_error", "param": None, "code": None}
-        return b"data: " + json.dumps({"error": error}).encode() + b"\n\n"
+        return end + b"data: " + json.dumps({"error": error}).encode() + b"\n\n"
     return None
 
 
@@ -105,7 +118,11 @@ class Proxy:
         route = classify(request.method, request.path)
         ip = client_ip(request, settings)
         record = RequestRecord(
-            id=request_id(request), method=request.method, route=route.path, client_ip=str(ip)
+            id=request_id(request),
+            method=request.method,
+            route=route.path,
+            client_ip=str(ip),
+            user_agent=request.headers.get("User-Agent"),
         )
         bind_request(request_id=record.id, client_ip=record.client_ip)
         task = asyncio.current_task()
@@ -137,6 +154,11 @@ class Proxy:
         ip = client_ip(request, settings)
         if ip is None:
             raise Forbidden("cannot tell the client's address")
+        if looped(request.headers):
+            raise LoopDetected(
+                f"request loop: upstream.url ({self.upstream.url}) leads back to this proxy; "
+                "point it at Ollama"
+            )
         body: bytes | None = None
         parsed: JsonBody | None = None
         if route.reads_json:
@@ -174,7 +196,10 @@ class Proxy:
                 headers["Content-Length"] = str(request.content_length)
         if not route.queued:
             started = self.scheduler.now()
-            response = await self._send(request, route, headers, data, retry=body is not None)
+            try:
+                response = await self._send(request, route, headers, data, retry=body is not None)
+            finally:
+                record.upstream_time = self.scheduler.now() - started
             return await self._relay(request, response, None, record, started)
         ticket = Ticket(
             id=record.id,
@@ -183,12 +208,16 @@ class Proxy:
             path=route.path,
             model=model,
             client_ip=str(ip),
+            max_wait=source.max_wait,
         )
         record.queued = True
         retried = False
         while True:
-            slot = await self.scheduler.acquire(ticket)
-            record.queue_wait = ticket.started_at - ticket.enqueued_at
+            try:
+                slot = await self.scheduler.acquire(ticket)
+            finally:  # served, refused, timed out or gone: the wait so far is real either way
+                if ticket.enqueued_at:
+                    record.queue_wait = self.scheduler.now() - ticket.enqueued_at
             started = ticket.started_at
             try:
                 response = await self._send(request, route, headers, data, retry=False)
@@ -203,6 +232,8 @@ class Proxy:
             except BaseException:
                 slot.release()
                 raise
+            finally:
+                record.upstream_time = self.scheduler.now() - started
             return await self._relay(request, response, slot, record, started)
 
     async def _send(
@@ -237,7 +268,6 @@ class Proxy:
             reason=upstream.reason,
             headers=response_headers(upstream.headers),
         )
-        response.headers["X-Request-Id"] = record.id
         if upstream.content_length is not None and "chunked" not in upstream.headers.get(
             "Transfer-Encoding", ""
         ):
@@ -247,6 +277,7 @@ class Proxy:
             record.upstream_error = "status_5xx"
         tail = UsageTail() if slot is not None else None
         finished = False
+        sent_end = b""  # the last bytes sent, to end a cut-off line before an error line
         try:
             await response.prepare(request)
             content = upstream.content
@@ -254,7 +285,7 @@ class Proxy:
                 try:
                     chunk = await content.readany()
                 except (aiohttp.ClientError, TimeoutError) as e:
-                    await self._fail_stream(request, response, upstream, record, e)
+                    await self._fail_stream(request, response, upstream, record, e, sent_end)
                     return response
                 if not chunk:
                     break
@@ -262,6 +293,7 @@ class Proxy:
                     tail.feed(chunk)
                 await response.write(chunk)
                 record.bytes_out += len(chunk)
+                sent_end = (sent_end + chunk)[-2:]
             finished = True
             upstream.release()  # the connection goes back to the pool before the slot is handed on
             if slot is not None:
@@ -273,7 +305,7 @@ class Proxy:
             return response
         except asyncio.CancelledError:
             if self.stopping and response.prepared:
-                await self._end_for_shutdown(response, upstream)
+                await self._end_for_shutdown(response, upstream, sent_end)
             raise
         except ConnectionError:
             record.hung_up = True  # the write failed: the client is gone
@@ -284,16 +316,16 @@ class Proxy:
                 upstream.close()  # Ollama sees the hang-up and stops generating
             if slot is not None:
                 slot.release()
-            if not record.upstream_time:
+            if not finished:  # cut short: the time until now (a clean end was timed above)
                 record.upstream_time = self.scheduler.now() - started
 
     async def _end_for_shutdown(
-        self, response: web.StreamResponse, upstream: aiohttp.ClientResponse
+        self, response: web.StreamResponse, upstream: aiohttp.ClientResponse, sent_end: bytes
     ) -> None:
         """The grace period is over: end the stream properly, with an error line if it can
         carry one, so the client sees a clean error rather than a broken connection."""
         upstream.close()
-        line = stream_error_line(upstream.content_type, SHUTDOWN_MESSAGE)
+        line = stream_error_line(upstream.content_type, SHUTDOWN_MESSAGE, sent_end)
         with contextlib.suppress(Exception):
             async with asyncio.timeout(1):
                 if line is not None and response.content_length is None:
@@ -307,6 +339,7 @@ class Proxy:
         upstream: aiohttp.ClientResponse,
         record: RequestRecord,
         error: BaseException,
+        sent_end: bytes,
     ) -> None:
         """Ollama broke off mid-stream: one error line in the stream's framing, then the end."""
         if isinstance(error, TimeoutError):
@@ -320,7 +353,7 @@ class Proxy:
             record.upstream_error = "broke_off"
         record.error = message
         upstream.close()
-        line = stream_error_line(upstream.content_type, message)
+        line = stream_error_line(upstream.content_type, message, sent_end)
         if line is None or response.content_length is not None:
             # No framing to carry an error (a JSON body of announced length): cut the
             # connection, so the client sees a truncated response rather than a short one.

@@ -32,13 +32,15 @@ class RequestRecord:
     usage: Usage | None = None
     hung_up: bool = False
     error: str | None = None
-    refusal: str | None = None  # "whitelist" when refused for not being on it
+    refusal: str | None = None  # "whitelist" or "origin": what refused it
+    user_agent: str | None = None
     upstream_error: str | None = None  # unreachable, timeout, broke_off, status_5xx
 
     def fields(self) -> dict[str, object]:
         """The canonical line's key/values; zero-information fields are left out."""
         out: dict[str, object] = {
             "method": self.method,
+            "user_agent": (self.user_agent or "")[:200] or None,
             "route": self.route,
             "status": self.status,
             "source": self.source,

@@ -68,6 +68,7 @@ def parse_policy(top: Section) -> Policy:
             priority=s.integer("priority", 0),
             match=_match(s.section("match")) if s.has("match") else None,
             require_whitelist=s.flag("require_whitelist", False),
+            max_wait=s.seconds("max_wait", 0.0) if s.has("max_wait") else None,
         )
         s.done()
         sources.append(source)

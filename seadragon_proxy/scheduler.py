@@ -28,7 +28,7 @@ class State(Enum):
 
 @dataclass(eq=False, slots=True)
 class Ticket:
-    """One request's place in line. The scheduler fills in everything after ``client_ip``."""
+    """One request's place in line. The scheduler fills in everything after ``max_wait``."""
 
     id: str
     source: str
@@ -36,11 +36,13 @@ class Ticket:
     path: str
     model: str | None
     client_ip: str
+    max_wait: float | None = None  # the source's own limit; None = queue.max_wait
     state: State = State.NEW
     seq: int = 0
     enqueued_at: float = 0.0
     started_at: float = 0.0
     deadline: float = math.inf
+    wait_limit: float = 0.0  # the limit it queued under, for the message if it runs out
     key: float = 0.0
     _waiter: asyncio.Future[None] | None = field(default=None, repr=False)
     _timer: asyncio.TimerHandle | None = field(default=None, repr=False)
@@ -188,8 +190,9 @@ class Scheduler:
         if ticket.state is State.NEW:
             ticket.seq = next(self._seq)
             ticket.enqueued_at = now
-            if self._max_wait:
-                ticket.deadline = now + self._max_wait
+            ticket.wait_limit = self._max_wait if ticket.max_wait is None else ticket.max_wait
+            if ticket.wait_limit:
+                ticket.deadline = now + ticket.wait_limit
             ticket.key = self._key(ticket)
             if not self._paused and self._queued == 0 and len(self._running) < self._slots:
                 return self._start(ticket, now)
@@ -198,7 +201,7 @@ class Scheduler:
                 raise QueueFull(retry_after=self.retry_after())
         elif now >= ticket.deadline:
             ticket.state = State.DONE
-            raise self._timeout_error()
+            raise self._timeout_error(ticket)
         loop = asyncio.get_running_loop()
         waiter = loop.create_future()
         ticket._waiter = waiter
@@ -272,11 +275,12 @@ class Scheduler:
     def _expire(self, ticket: Ticket) -> None:
         ticket._timer = None
         if ticket.state is State.QUEUED:
-            self._drop(ticket, self._timeout_error())
+            self._drop(ticket, self._timeout_error(ticket))
 
-    def _timeout_error(self) -> QueueTimeout:
+    def _timeout_error(self, ticket: Ticket) -> QueueTimeout:
+        limit = "queue.max_wait" if ticket.max_wait is None else f"max_wait of {ticket.source!r}"
         return QueueTimeout(
-            f"waited longer than queue.max_wait ({self._max_wait:g} s) for a turn at Ollama; "
+            f"waited longer than {limit} ({ticket.wait_limit:g} s) for a turn at Ollama; "
             "try again later",
             retry_after=self.retry_after(),
         )

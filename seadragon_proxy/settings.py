@@ -94,6 +94,9 @@ class WhitelistSettings:
 class AdminSettings:
     token_env: str = "SEADRAGON_ADMIN_TOKEN"  # noqa: S105 - the name of a variable
     token: Secret | None = None  # read from the environment at load time
+    # A second, read-only token that opens /metrics only (for the Prometheus scraper).
+    metrics_token_env: str = "SEADRAGON_METRICS_TOKEN"  # noqa: S105 - the name of a variable
+    metrics_token: Secret | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,10 +293,16 @@ def _whitelist(s: Section, base: Path) -> WhitelistSettings:
 
 
 def _admin(s: Section, env: os._Environ[str] | dict[str, str]) -> AdminSettings:
-    token_env = s.text("token_env", AdminSettings().token_env)
+    d = AdminSettings()
+    token_env = s.text("token_env", d.token_env)
+    metrics_env = s.text("metrics_token_env", d.metrics_token_env)
     s.done()
-    token = env.get(token_env, "").strip()
-    return AdminSettings(token_env=token_env, token=Secret(token) if token else None)
+
+    def secret(name: str) -> Secret | None:
+        value = env.get(name, "").strip()
+        return Secret(value) if value else None
+
+    return AdminSettings(token_env, secret(token_env), metrics_env, secret(metrics_env))
 
 
 def _cors(s: Section) -> CorsSettings:

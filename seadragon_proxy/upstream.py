@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import enum
+import secrets
 from collections.abc import AsyncIterable, Mapping
 
 import aiohttp
@@ -54,10 +56,21 @@ def _connection_tokens(headers: Mapping[str, str]) -> set[str]:
     return {token.strip().lower() for token in value.split(",") if token.strip()}
 
 
+# This process's name in Via headers (RFC 9110 7.6.3): a request that comes back carrying
+# it has gone round in a loop (upstream.url pointing at the proxy itself).
+VIA_TOKEN = f"seadragon-proxy-{secrets.token_hex(4)}"
+
+
 def request_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    """The client's headers minus hop-by-hop ones, Host, framing and Origin."""
+    """The client's headers minus hop-by-hop ones, Host, framing and Origin, plus our Via."""
     drop = _DROP_REQUEST | _connection_tokens(headers)
-    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
+    out = CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
+    out.add("Via", f"1.1 {VIA_TOKEN}")
+    return out
+
+
+def looped(headers: CIMultiDictProxy[str]) -> bool:
+    return any(VIA_TOKEN in value for value in headers.getall("Via", ()))
 
 
 def response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
@@ -194,11 +207,16 @@ class Upstream:
         if wait > 0:
             self.health = Health.DOWN
             self._scheduler.pause()
-            self._window = asyncio.get_running_loop().call_later(wait, self._give_up)
+            # Timer and probe run in a fresh context: their log lines are not the request's.
+            self._window = asyncio.get_running_loop().call_later(
+                wait, self._give_up, context=contextvars.Context()
+            )
         else:
             self._give_up()
         if self._prober is None or self._prober.done():
-            self._prober = asyncio.create_task(self._probe_until_up(), name="upstream-probe")
+            self._prober = asyncio.create_task(
+                self._probe_until_up(), name="upstream-probe", context=contextvars.Context()
+            )
 
     def _give_up(self) -> None:
         self._window = None

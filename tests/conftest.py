@@ -51,6 +51,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The developer's own settings never leak into a test; a test sets what it needs."""
+    for name in ("SEADRAGON_CONFIG", "SEADRAGON_ADMIN_TOKEN", "SEADRAGON_METRICS_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+
+
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for key, value in override.items():

@@ -46,8 +46,10 @@ async def test_queue_view_shows_effective_priority_when_aging(make_proxy: ProxyF
     queued = asyncio.create_task(proxy.generate("aging", "chat"))
     await proxy.watch.queued(1)
     async with proxy.session.get(proxy.url + "/api/admin/queue") as r:
-        entry = (await r.json())["entries"][0]
+        view = await r.json()
+    entry = view["entries"][0]
     assert entry["priority"] == 5 and entry["effective_priority"] <= 5
+    assert "effective_priority" not in view["processing"][0]  # aging only matters in line
     gate.set()
     await asyncio.gather(blocker, queued)
 

@@ -218,3 +218,13 @@ def test_the_installed_command_and_module_run(config: Path) -> None:
     script = Path(sys.executable).parent / "seadragon-proxy"
     done = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.startswith("seadragon-proxy ")
+
+
+def test_explain_on_an_unreadable_database_says_so(
+    capsys: pytest.CaptureFixture[str], config: Path
+) -> None:
+    db = config.parent / "data" / "seadragon.db"
+    db.parent.mkdir()
+    db.write_bytes(b"not sqlite" * 100)
+    code, _, err = run(capsys, "explain", "--config", str(config))
+    assert code == 1 and "corrupt" in err  # not mistaken for "no database yet"

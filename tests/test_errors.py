@@ -204,3 +204,29 @@ async def test_ollama_down_longer_than_unreachable_wait_gives_502(make_proxy: Pr
     assert status == 502 and "is unreachable" in doc["error"]
     status, doc = await proxy.generate("fails fast now")
     assert status == 502
+
+
+async def test_outage_log_lines_are_not_some_requests_lines(make_proxy: ProxyFactory) -> None:
+    from structlog.contextvars import merge_contextvars
+    from structlog.testing import capture_logs
+
+    proxy = await make_proxy({"upstream": {"unreachable_wait": 0.2}})
+    await proxy.fake.stop()
+    with capture_logs(processors=[merge_contextvars]) as logs:
+        status, _ = await proxy.generate("noticed the outage")
+    assert status == 502
+    (down,) = [e for e in logs if e["event"] == "upstream_down"]
+    assert "request_id" not in down and "client_ip" not in down
+
+
+async def test_a_proxy_pointed_at_itself_answers_508_instead_of_looping(
+    make_proxy: ProxyFactory,
+) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proxy = await make_proxy({"server": {"port": port}}, upstream=f"http://127.0.0.1:{port}")
+    async with proxy.session.get(proxy.url + "/api/tags") as r:
+        assert r.status == 508
+        assert "leads back to this proxy" in (await r.json())["error"]
+    assert len(await proxy.records(2)) == 2  # one hop in, one hop refused: no more

@@ -170,3 +170,28 @@ async def test_unreachable_port_is_refused_quickly(make_proxy: ProxyFactory) -> 
         assert (await proxy.generate("x"))[0] == 502
     await slot_comes_back(proxy)
     assert json.dumps(proxy.scheduler.queued()) == "[]"
+
+
+async def test_error_line_after_a_cut_off_line_is_a_line_of_its_own(
+    make_proxy: ProxyFactory,
+) -> None:
+    """Ollama falls silent mid-line: the partial line is ended, then the error line follows."""
+    proxy = await make_proxy({"upstream": {"idle_timeout": 0.2}})
+    async with proxy.session.post(
+        proxy.url + "/api/generate", json={"model": MODEL, "prompt": "fault:slow:2"}
+    ) as r:
+        raw = await r.read()
+    lines = raw.split(b"\n")
+    assert lines[-1] == b""  # ends with a newline
+    assert json.loads(lines[-2])["error"].startswith("Ollama at")  # the error is whole
+    assert lines[0] == b"{"  # what arrived of the cut-off line, passed on unchanged
+
+
+def test_sse_error_event_closes_a_cut_off_event() -> None:
+    from seadragon_proxy.proxy import stream_error_line
+
+    assert stream_error_line("text/event-stream", "x", b'{"a').startswith(b"\n\ndata: ")
+    assert stream_error_line("text/event-stream", "x", b"}\n").startswith(b"\ndata: ")
+    assert stream_error_line("text/event-stream", "x", b"\n\n").startswith(b"data: ")
+    assert stream_error_line("application/x-ndjson", "x", b"}\n").startswith(b'{"error"')
+    assert stream_error_line("application/json", "x") is None

@@ -118,3 +118,47 @@ async def test_queue_events_carry_their_own_request_id(proxy: Proxy) -> None:
     started = [e for e in logs if e["event"] == "request_started" and e["id"] == "waiter-1"]
     assert started and started[0]["request_id"] == "waiter-1"
     assert started[0]["client_ip"] == "127.0.0.9"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "headers", "status"),
+    [
+        ("GET", "/api/tags", {}, 200),
+        ("POST", "/api/chat", {}, 400),
+        ("GET", "/health", {}, 200),
+        ("GET", "/api/admin/queue", {"X-Forwarded-For": "203.0.113.1"}, 403),
+        ("GET", "/metrics", {}, 200),
+        ("GET", "/api/tags", {"Origin": "https://evil.example"}, 403),
+        (
+            "OPTIONS",
+            "/api/chat",
+            {"Origin": "https://chat.example.com", "Access-Control-Request-Method": "POST"},
+            204,
+        ),
+    ],
+)
+async def test_every_answer_carries_a_request_id(
+    proxy: Proxy, method: str, path: str, headers: dict[str, str], status: int
+) -> None:
+    async with proxy.session.request(method, proxy.url + path, headers=headers, data=b"{") as r:
+        assert r.status == status
+        assert len(r.headers["X-Request-Id"]) == 16
+    async with proxy.session.request(
+        method, proxy.url + path, headers={**headers, "X-Request-Id": "mine-42"}, data=b"{"
+    ) as r:
+        assert r.headers["X-Request-Id"] == "mine-42"
+
+
+async def test_refused_origins_and_user_agents_are_in_the_log(proxy: Proxy) -> None:
+    with capture_logs(processors=[merge_contextvars]) as logs:
+        headers = {"Origin": "https://evil.example", "User-Agent": "curious/1.0"}
+        async with proxy.session.get(proxy.url + "/api/tags", headers=headers) as r:
+            assert r.status == 403
+        async with proxy.session.get(
+            proxy.url + "/api/tags", headers={"User-Agent": "Continue/1.2"}
+        ) as r:
+            assert r.status == 200
+    refused, served = request_lines(logs)
+    assert refused["status"] == 403 and "browser origin 'https://evil.example'" in refused["error"]
+    assert refused["user_agent"] == "curious/1.0" and refused["request_id"]
+    assert served["user_agent"] == "Continue/1.2"

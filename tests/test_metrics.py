@@ -163,3 +163,23 @@ async def test_same_access_rule_as_the_admin_routes(
     async with guarded.session.get(guarded.url + "/metrics") as r:
         assert r.status == 403
     assert await scrape(guarded, Authorization="Bearer prom")
+
+
+async def test_metrics_token_opens_metrics_and_nothing_else(
+    make_proxy: ProxyFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scraper's read-only token: /metrics yes, the whitelist and queue no."""
+    monkeypatch.setenv("SEADRAGON_ADMIN_TOKEN", "admin-token")
+    monkeypatch.setenv("SEADRAGON_METRICS_TOKEN", "scrape-only")
+    proxy = await make_proxy()
+    assert await scrape(proxy, Authorization="Bearer scrape-only")
+    assert await scrape(proxy, Authorization="Bearer admin-token")
+    for path in ("/api/admin/queue", "/api/admin/whitelist"):
+        async with proxy.session.get(
+            proxy.url + path, headers={"Authorization": "Bearer scrape-only"}
+        ) as r:
+            assert r.status == 403
+    async with proxy.session.get(
+        proxy.url + "/metrics", headers={"Authorization": "Bearer nope"}
+    ) as r:
+        assert r.status == 403

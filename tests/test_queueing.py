@@ -179,3 +179,35 @@ async def test_hangup_between_headers_and_first_chunk(proxy: Proxy) -> None:
     await proxy.watch.until(lambda: proxy.scheduler.in_flight == 0)
     assert not gate.is_set()
     assert (await proxy.generate("after"))[0] == 200
+
+
+async def test_a_source_can_have_its_own_wait_limit(make_proxy: ProxyFactory) -> None:
+    """Interactive work fails fast (per-source max_wait) while batch work may wait on."""
+    sources = [
+        {
+            "name": "coding",
+            "priority": 0,
+            "max_wait": 0.2,
+            "match": {"header": {"X-Test-Source": "coding"}},
+        },
+        {
+            "name": "scripts",
+            "priority": 8,
+            "max_wait": 0,
+            "match": {"header": {"X-Test-Source": "scripts"}},
+        },
+        {"name": "direct_api", "priority": 10, "require_whitelist": True},
+    ]
+    proxy = await make_proxy({"sources": sources, "queue": {"max_wait": 0.1}})
+    blocker, gate = await block(proxy)
+    batch = await start(proxy, "patient", "scripts")
+    status, doc = await proxy.generate("impatient", "coding")
+    assert status == 503 and "max_wait of 'coding' (0.2 s)" in doc["error"]
+    status, doc = await proxy.generate("default limit")
+    assert status == 503 and "queue.max_wait (0.1 s)" in doc["error"]
+    assert not batch.done()  # max_wait: 0 on the source lifts the global limit
+    gate.set()
+    assert (await batch)[0] == 200
+    await blocker
+    waited = {r.error: r.queue_wait for r in await proxy.records(4) if r.status == 503}
+    assert all(wait >= 0.1 for wait in waited.values()), waited  # the time spent waiting is kept

@@ -168,3 +168,10 @@ async def test_damaged_database_keeps_the_last_whitelist(proxy: Proxy) -> None:
         "whitelist", lambda: db.write_bytes(b"garbage" * 200), RELOAD_BUDGET
     )
     assert not ok and (await proxy.generate("still listed"))[0] == 200
+
+
+async def test_a_write_that_leaves_the_whitelist_as_it_was_is_not_a_reload(proxy: Proxy) -> None:
+    """History writes touch the same file; only a changed list counts as a reload."""
+    before = len(proxy.reloads)
+    assert await proxy.live.reload_whitelist()
+    assert len(proxy.reloads) == before
