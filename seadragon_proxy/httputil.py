@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
-import uuid
+import secrets
 
 from aiohttp import web
 
@@ -25,12 +26,17 @@ def client_ip(request: web.Request, settings: Settings) -> IPAddress | None:
     )
 
 
+_PROCESS = secrets.token_hex(4)  # unique across restarts; the counter within a process
+_COUNTER = itertools.count(1)
+
+
 def request_id(request: web.Request) -> str:
     """The caller's ``X-Request-Id`` when it is a sane token, else a fresh one. Assigned once
     per request (``request_id_middleware``) and echoed on every answer."""
     if REQUEST_ID not in request:
         given = request.headers.get("X-Request-Id", "")
-        request[REQUEST_ID] = given if _REQUEST_ID.match(given) else uuid.uuid4().hex[:16]
+        fresh = given if _REQUEST_ID.match(given) else f"{_PROCESS}{next(_COUNTER):08x}"
+        request[REQUEST_ID] = fresh
     return request[REQUEST_ID]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import Counter as Tally
 from collections.abc import Iterable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -114,6 +115,10 @@ class Metrics:
         )  # fmt: skip
         r.register(QueueCollector(scheduler))
         self._models: set[str] = set()
+        # Label lookups take a lock and hash the values each time: keep the children.
+        self._request_children: dict[tuple[str, str, str, str], Any] = {}
+        self._source_children: dict[str, tuple[Any, ...]] = {}
+        self._model_children: dict[str, tuple[Any, ...]] = {}
 
     def model_label(self, record: RequestRecord) -> str:
         model = record.model
@@ -126,22 +131,49 @@ class Metrics:
             return model
         return "other"
 
+    def _by_source(self, source: str) -> tuple[Any, ...]:
+        """The per-source children, looked up once per source rather than per request."""
+        children = self._source_children.get(source)
+        if children is None:
+            children = self._source_children[source] = (
+                self.queue_wait.labels(source),
+                self.upstream_duration.labels(source),
+            )
+        return children
+
+    def _by_model(self, model: str) -> tuple[Any, ...]:
+        children = self._model_children.get(model)
+        if children is None:
+            children = self._model_children[model] = (
+                self.tokens.labels(model),
+                self.prompt_tokens.labels(model),
+                self.eval_seconds.labels(model),
+                self.tokens_per_second.labels(model),
+            )
+        return children
+
     def observe(self, record: RequestRecord) -> None:
         """A Recorder listener: one finished request."""
         source = record.source or ""
         model = self.model_label(record)
-        self.requests.labels(source, route_label(record.route), model, str(record.status)).inc()
+        key = (source, route_label(record.route), model, str(record.status))
+        counter = self._request_children.get(key)
+        if counter is None:
+            counter = self._request_children[key] = self.requests.labels(*key)
+        counter.inc()
+        wait, duration = self._by_source(source)
         if record.queued and record.status:
-            self.queue_wait.labels(source).observe(record.queue_wait)
+            wait.observe(record.queue_wait)
         if record.upstream_time and record.status:
-            self.upstream_duration.labels(source).observe(record.upstream_time)
+            duration.observe(record.upstream_time)
         usage = record.usage
         if usage is not None:
-            self.tokens.labels(model).inc(usage.eval_count)
-            self.prompt_tokens.labels(model).inc(usage.prompt_eval_count)
-            self.eval_seconds.labels(model).inc(usage.eval_duration_ns / 1e9)
+            tokens, prompt_tokens, eval_seconds, speed = self._by_model(model)
+            tokens.inc(usage.eval_count)
+            prompt_tokens.inc(usage.prompt_eval_count)
+            eval_seconds.inc(usage.eval_duration_ns / 1e9)
             if usage.tokens_per_second is not None:
-                self.tokens_per_second.labels(model).observe(usage.tokens_per_second)
+                speed.observe(usage.tokens_per_second)
         if record.refusal == "whitelist":
             self.refusals.labels(source).inc()
         if record.upstream_error:

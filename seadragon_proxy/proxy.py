@@ -28,6 +28,7 @@ from .exceptions import (
 from .httputil import client_ip, request_id
 from .live import Live
 from .logs import bind_request
+from .netaddr import IPAddress
 from .payload import JsonBody, inspect_json
 from .policy import RequestFacts
 from .record import Recorder, RequestRecord
@@ -41,8 +42,15 @@ SHUTDOWN_MESSAGE = "seadragon-proxy is shutting down"
 
 async def read_body(content: aiohttp.StreamReader, limit: int, idle: float) -> bytes:
     """The whole body, refusing it once it passes ``limit`` bytes or goes quiet for ``idle`` s."""
-    chunks: list[bytes] = []
-    size = 0
+    first = content.read_nowait()  # usually the whole (small) body is here already
+    if content.is_eof():
+        if len(first) > limit:
+            raise PayloadTooLarge(_too_large(limit))
+        return first
+    chunks: list[bytes] = [first] if first else []
+    size = len(first)
+    if size > limit:
+        raise PayloadTooLarge(_too_large(limit))
     while True:
         try:
             async with asyncio.timeout(idle):
@@ -116,7 +124,7 @@ class Proxy:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         settings = self.live.settings
         route = classify(request.method, request.path)
-        ip = client_ip(request, settings)
+        ip = client_ip(request, settings)  # once: it walks X-Forwarded-For
         record = RequestRecord(
             id=request_id(request),
             method=request.method,
@@ -129,7 +137,7 @@ class Proxy:
         assert task is not None
         self.active.add(task)
         try:
-            return await self._serve(request, route, record)
+            return await self._serve(request, route, record, ip)
         except asyncio.CancelledError:
             record.hung_up = not self.stopping
             record.error = record.error or ("shutdown" if self.stopping else "client hung up")
@@ -148,10 +156,9 @@ class Proxy:
             self.recorder.emit(record)
 
     async def _serve(
-        self, request: web.Request, route: Route, record: RequestRecord
+        self, request: web.Request, route: Route, record: RequestRecord, ip: IPAddress | None
     ) -> web.StreamResponse:
         settings = self.live.settings
-        ip = client_ip(request, settings)
         if ip is None:
             raise Forbidden("cannot tell the client's address")
         if looped(request.headers):
@@ -207,7 +214,7 @@ class Proxy:
             priority=source.priority,
             path=route.path,
             model=model,
-            client_ip=str(ip),
+            client_ip=record.client_ip,
             max_wait=source.max_wait,
         )
         record.queued = True

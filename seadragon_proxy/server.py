@@ -69,7 +69,9 @@ async def start_server(settings: Settings) -> RunningServer:
         shutdown_timeout=1.0,  # in-flight work is waited for in RunningServer.stop
     )
     await runner.setup()
-    site = web.TCPSite(runner, settings.server.host, settings.server.port)
+    # A deep accept queue: a burst of clients (thousands queueing at once) is not dropped
+    # at the door. The kernel caps it at net.core.somaxconn.
+    site = web.TCPSite(runner, settings.server.host, settings.server.port, backlog=4096)
     try:
         await site.start()
     except BaseException:

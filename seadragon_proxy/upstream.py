@@ -114,6 +114,8 @@ class Upstream:
             ),
             auto_decompress=False,
             skip_auto_headers=_SKIP_AUTO,
+            # A proxy keeps no cookies: one client's must never be sent on another's behalf.
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
 
     async def close(self) -> None:
