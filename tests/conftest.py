@@ -8,6 +8,7 @@ import copy
 import io
 import json
 import logging
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,14 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """The developer's own settings never leak into a test; a test sets what it needs."""
     for name in ("SEADRAGON_CONFIG", "SEADRAGON_ADMIN_TOKEN", "SEADRAGON_METRICS_TOKEN"):
         monkeypatch.delenv(name, raising=False)
+
+
+def free_port() -> int:
+    """A port nothing listens on (bound and released): an Ollama that is not running."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
 
 
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

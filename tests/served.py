@@ -63,6 +63,14 @@ class Served:
         return code
 
 
+async def spawn_serve(config: Path) -> asyncio.subprocess.Process:
+    """``python -m seadragon_proxy serve --config CONFIG``, its log on a pipe."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "seadragon_proxy", "serve", "--config", str(config),
+        stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+
+
 async def start_served(
     tmp_path: Path, fake: FakeOllama, override: dict[str, Any] | None = None
 ) -> Served:
@@ -72,16 +80,6 @@ async def start_served(
     config.setdefault("log", {})["format"] = "json"
     path = tmp_path / "seadragon.yaml"
     path.write_text(yaml.safe_dump(config))
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "seadragon_proxy",
-        "serve",
-        "--config",
-        str(path),
-        stderr=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.DEVNULL,
-    )
-    served = Served(process, path)
+    served = Served(await spawn_serve(path), path)
     served.url = (await served.wait_for("listening"))["url"]
     return served

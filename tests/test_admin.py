@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import pytest
 
-from .conftest import MODEL, Proxy, ProxyFactory
+from .conftest import MODEL, Proxy, ProxyFactory, free_port
 
 
 async def test_queue_view_lists_entries_in_dispatch_order(proxy: Proxy) -> None:
@@ -114,9 +113,7 @@ async def test_health_healthy(proxy: Proxy) -> None:
 
 
 async def test_health_unhealthy_when_ollama_is_down(make_proxy: ProxyFactory) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    dead = f"http://127.0.0.1:{free_port()}"
     proxy = await make_proxy(upstream=dead)
     async with proxy.session.get(proxy.url + "/health") as r:
         assert r.status == 503

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 
 import aiohttp
 import pytest
@@ -12,7 +11,7 @@ import pytest
 from seadragon_proxy.typedefs import UPSTREAM
 from seadragon_proxy.upstream import Health
 
-from .conftest import MODEL, Proxy, ProxyFactory
+from .conftest import MODEL, Proxy, ProxyFactory, free_port
 
 
 @pytest.mark.parametrize(
@@ -108,9 +107,7 @@ async def test_untrusted_peer_cannot_choose_its_address(proxy: Proxy) -> None:
 
 
 async def test_unreachable_ollama_is_502_naming_the_url(make_proxy: ProxyFactory) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    dead = f"http://127.0.0.1:{free_port()}"
     proxy = await make_proxy({"upstream": {"unreachable_wait": 0}}, upstream=dead)
     async with proxy.session.get(proxy.url + "/api/tags") as r:
         assert r.status == 502
@@ -119,7 +116,7 @@ async def test_unreachable_ollama_is_502_naming_the_url(make_proxy: ProxyFactory
         assert r.status == 502
     async with proxy.session.post(proxy.url + "/v1/embeddings", json={"model": MODEL}) as r:
         assert r.status == 502 and (await r.json())["error"]["type"] == "api_error"
-    assert proxy.scheduler.in_flight == 0
+    assert proxy.scheduler.in_flight == 0 and proxy.scheduler.queue_length == 0
 
 
 @pytest.mark.parametrize(
@@ -222,9 +219,7 @@ async def test_outage_log_lines_are_not_some_requests_lines(make_proxy: ProxyFac
 async def test_a_proxy_pointed_at_itself_answers_508_instead_of_looping(
     make_proxy: ProxyFactory,
 ) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proxy = await make_proxy({"server": {"port": port}}, upstream=f"http://127.0.0.1:{port}")
     async with proxy.session.get(proxy.url + "/api/tags") as r:
         assert r.status == 508

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from collections.abc import AsyncIterator
 
 import pytest
@@ -157,19 +156,6 @@ async def test_hangup_during_a_large_upload_aborts_the_upstream_request(proxy: P
     assert proxy.fake.blobs == set()
     (record,) = await proxy.records(1)
     assert record.hung_up and record.route == "/api/blobs/sha256:" + "a" * 64
-
-
-async def test_unreachable_port_is_refused_quickly(make_proxy: ProxyFactory) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
-    proxy = await make_proxy({"upstream": {"unreachable_wait": 0}}, upstream=dead)
-    async with proxy.session.get(proxy.url + "/api/version") as r:
-        assert r.status == 502
-    for _ in range(3):
-        assert (await proxy.generate("x"))[0] == 502
-    await slot_comes_back(proxy)
-    assert json.dumps(proxy.scheduler.queued()) == "[]"
 
 
 async def test_error_line_after_a_cut_off_line_is_a_line_of_its_own(

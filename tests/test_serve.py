@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ import yaml
 from seadragon_proxy.fake_ollama import FakeOllama
 
 from .conftest import BASE_CONFIG, MODEL, merge
-from .served import Served, start_served
+from .served import Served, spawn_serve, start_served
 
 
 @pytest.fixture
@@ -99,16 +98,7 @@ async def test_unusable_database_stops_the_start_with_a_sentence(
     config["whitelist"] = {"database": str(db)}
     path = tmp_path / "seadragon.yaml"
     path.write_text(yaml.safe_dump(config))
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "seadragon_proxy",
-        "serve",
-        "--config",
-        str(path),
-        stderr=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.DEVNULL,
-    )
+    process = await spawn_serve(path)
     _, err = await asyncio.wait_for(process.communicate(), 30)
     assert process.returncode == 1
     assert "move it aside" in err.decode()
