@@ -34,6 +34,7 @@ from .policy import RequestFacts
 from .record import Recorder, RequestRecord
 from .routes import Route, classify
 from .scheduler import Scheduler, Slot, Ticket
+from .settings import Settings
 from .upstream import Health, Upstream, looped, request_headers, response_headers
 from .usage import UsageTail
 
@@ -96,13 +97,12 @@ def stream_error_line(content_type: str, message: str, after: bytes = b"") -> by
         end = b"\n" if after and not after.endswith(b"\n") else b""
         return end + json.dumps({"error": message}).encode() + b"\n"
     if content_type.startswith("text/event-stream"):
-        end = (
-            b""
-            if not after or after.endswith(b"\n\n")
-            else b"\n"
-            if after.endswith(b"\n")
-            else b"\n\n"
-        )
+        if not after or after.endswith(b"\n\n"):
+            end = b""
+        elif after.endswith(b"\n"):
+            end = b"\n"
+        else:
+            end = b"\n\n"
         error = {"message": message, "type": "api_error", "param": None, "code": None}
         return end + b"data: " + json.dumps({"error": error}).encode() + b"\n\n"
     return None
@@ -137,7 +137,7 @@ class Proxy:
         assert task is not None
         self.active.add(task)
         try:
-            return await self._serve(request, route, record, ip)
+            return await self._serve(request, settings, route, record, ip)
         except asyncio.CancelledError:
             record.hung_up = not self.stopping
             record.error = record.error or ("shutdown" if self.stopping else "client hung up")
@@ -156,9 +156,13 @@ class Proxy:
             self.recorder.emit(record)
 
     async def _serve(
-        self, request: web.Request, route: Route, record: RequestRecord, ip: IPAddress | None
+        self,
+        request: web.Request,
+        settings: Settings,  # read once per request: one consistent policy throughout
+        route: Route,
+        record: RequestRecord,
+        ip: IPAddress | None,
     ) -> web.StreamResponse:
-        settings = self.live.settings
         if ip is None:
             raise Forbidden("cannot tell the client's address")
         if looped(request.headers):
