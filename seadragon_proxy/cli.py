@@ -17,6 +17,7 @@ from typing import TextIO
 from multidict import CIMultiDict
 
 from . import __version__
+from .defaults import describe as describe_defaults
 from .exceptions import ConfigError, DatabaseError
 from .history import parse_since, summarize
 from .logs import configure_logging
@@ -259,6 +260,8 @@ async def _explain(args: argparse.Namespace, settings: Settings, out: TextIO) ->
         print(f"outcome:   queued at priority {source.priority}, then forwarded", file=out)
     else:
         print("outcome:   forwarded at once (not an inference route, so never queued)", file=out)
+    options = describe_defaults(settings.defaults, source.name, args.model, route.path)
+    print(f"options:   {options}", file=out)
     return 0
 
 
