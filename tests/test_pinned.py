@@ -144,3 +144,20 @@ async def test_two_clients_with_different_num_ctx_reach_ollama_with_the_pinned_o
     other = await asyncio.gather(proxy.generate("y", "chat", model="llama3.2:1b"))
     assert other[0][0] == 200
     assert "options" not in proxy.fake.inference[-1].json  # another model: untouched
+
+
+def test_the_cookbook_pinning_recipe_passes_check(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """docs/cookbook.md's recipe, added to the shipped config, loads and explains as printed."""
+    root = Path(__file__).resolve().parent.parent
+    page = (root / "docs" / "cookbook.md").read_text()
+    section = page.split("## Pinning runner options", 1)[1]
+    recipe = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    expected = section.split("```text\n", 1)[1].split("```", 1)[0].strip()
+    shipped = (root / "config" / "seadragon.yaml").read_text()
+    config = tmp_path / "seadragon.yaml"
+    config.write_text(shipped + "\n" + recipe)
+    assert main(["check", "--config", str(config)]) == 0
+    assert main(["explain", "--config", str(config), "--model", MODEL]) == 0
+    assert expected in capsys.readouterr().out
