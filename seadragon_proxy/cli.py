@@ -1,4 +1,4 @@
-"""The ``seadragon-proxy`` command: serve, whitelist, check, explain, stats.
+"""The ``seadragon-proxy`` command: serve, whitelist, check, explain, stats, doctor.
 
 ``main(argv)`` parses arguments and is the only place that decides the exit status:
 0 done, 1 a problem the message explains (bad config, bad address, database), 2 bad usage.
@@ -17,6 +17,7 @@ from typing import TextIO
 from multidict import CIMultiDict
 
 from . import __version__
+from .defaults import describe as describe_defaults
 from .exceptions import ConfigError, DatabaseError
 from .history import parse_since, summarize
 from .logs import configure_logging
@@ -68,6 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     stats.add_argument("--json", action="store_true", help="print JSON (as /api/admin/stats)")
 
+    doctor = sub.add_parser(
+        "doctor", parents=[common], help="check the set-up end to end: config, database, Ollama"
+    )
+    doctor.add_argument(
+        "--generate",
+        metavar="MODEL",
+        help="also stream one token of MODEL, direct and via the proxy",
+    )
+
     explain = sub.add_parser(
         "explain", parents=[common], help="which source and priority a request would get"
     )
@@ -86,6 +96,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return _serve(args)
+        if args.command == "doctor":
+            from .doctor import run as doctor  # its checks load the config themselves
+
+            return asyncio.run(doctor(config_path(args.config), sys.stdout, generate=args.generate))
         settings = load_settings(config_path(args.config))
         if args.command == "whitelist":
             return asyncio.run(_whitelist(args, settings, sys.stdout))
@@ -259,6 +273,8 @@ async def _explain(args: argparse.Namespace, settings: Settings, out: TextIO) ->
         print(f"outcome:   queued at priority {source.priority}, then forwarded", file=out)
     else:
         print("outcome:   forwarded at once (not an inference route, so never queued)", file=out)
+    options = describe_defaults(settings.defaults, source.name, args.model, route.path)
+    print(f"options:   {options}", file=out)
     return 0
 
 

@@ -16,7 +16,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from .defaults import ROUTES as DEFAULT_ROUTES
-from .defaults import apply_defaults, encode
+from .defaults import encode, merge
 from .exceptions import (
     Forbidden,
     LoopDetected,
@@ -196,9 +196,10 @@ class Proxy:
                 f"(an administrator can run: seadragon-proxy whitelist add {ip})"
             )
         if parsed is not None and settings.defaults and route.path in DEFAULT_ROUTES:
-            merged = apply_defaults(parsed.doc, settings.defaults, source.name, model)
-            if merged is not None:
-                body = encode(merged)  # the one case where the body is not forwarded as sent
+            merged = merge(parsed.doc, settings.defaults, source.name, model)
+            if merged.doc is not None:
+                body = encode(merged.doc)  # the one case where the body is not forwarded as sent
+                record.pinned = merged.describe() or None
         headers = request_headers(request.headers)
         data: bytes | AsyncIterator[bytes] | None = body
         if body is None and request.body_exists:

@@ -35,6 +35,7 @@ class RequestRecord:
     refusal: str | None = None  # "whitelist" or "origin": what refused it
     user_agent: str | None = None
     upstream_error: str | None = None  # unreachable, timeout, broke_off, status_5xx
+    pinned: str | None = None  # "num_ctx 32768->8192": what a defaults `force:` replaced
 
     def fields(self) -> dict[str, object]:
         """The canonical line's key/values; zero-information fields are left out."""
@@ -49,6 +50,8 @@ class RequestRecord:
             "bytes": self.bytes_out,
             "upstream_time": round(self.upstream_time, 4),
         }
+        if self.pinned:
+            out["pinned"] = self.pinned
         if self.queued:
             out["queue_wait"] = round(self.queue_wait, 4)
         if self.usage is not None:

@@ -4,7 +4,7 @@ into a ``Policy`` and ``RequestDefaults``. Every error names the file and the do
 from __future__ import annotations
 
 from .configfile import Section
-from .defaults import OptionValue, RequestDefaults
+from .defaults import PINNABLE, KeepAlive, OptionValue, RequestDefaults
 from .netaddr import NetworkSet, parse_network
 from .policy import Glob, Match, Policy, Source
 
@@ -16,7 +16,7 @@ def parse_defaults(top: Section) -> tuple[RequestDefaults, ...]:
     if raw is None:
         return ()
     if not isinstance(raw, list):
-        top.fail("defaults", "must be a list of {match, options, keep_alive} entries")
+        top.fail("defaults", "must be a list of {match, options, keep_alive, force} entries")
     entries: list[RequestDefaults] = []
     for index, item in enumerate(raw):
         s = Section(item, file=top.file, key=f"defaults[{index}]")
@@ -35,16 +35,44 @@ def parse_defaults(top: Section) -> tuple[RequestDefaults, ...]:
             else:
                 o.fail(name, "must be a number, string, true/false or a list of them")
         o.done()
-        keep_alive = s.get("keep_alive")
-        if keep_alive is not None and (
-            isinstance(keep_alive, bool) or not isinstance(keep_alive, (str, int, float))
-        ):
-            s.fail("keep_alive", "must be a duration such as 30m or a number of seconds")
-        if not options and keep_alive is None:
-            s.fail(None, "sets nothing; give options or keep_alive")
+        keep_alive = _keep_alive(s)
+        forced: tuple[tuple[str, int], ...] = ()
+        forced_keep_alive = None
+        if s.has("force"):
+            f = s.section("force")
+            forced = _pins(f.section("options"))
+            forced_keep_alive = _keep_alive(f)
+            f.done()
+            if not forced and forced_keep_alive is None:
+                f.fail(None, f"pins nothing; give options ({', '.join(PINNABLE)}) or keep_alive")
+        if not options and keep_alive is None and not forced and forced_keep_alive is None:
+            s.fail(None, "sets nothing; give options, keep_alive or force")
         s.done()
-        entries.append(RequestDefaults(sources, models, tuple(options), keep_alive))
+        entries.append(
+            RequestDefaults(sources, models, tuple(options), keep_alive, forced, forced_keep_alive)
+        )
     return tuple(entries)
+
+
+def _keep_alive(s: Section) -> KeepAlive | None:
+    value = s.get("keep_alive")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int, float))):
+        s.fail("keep_alive", "must be a duration such as 30m or a number of seconds")
+    return value
+
+
+def _pins(o: Section) -> tuple[tuple[str, int], ...]:
+    """``force.options``: only the runner options whose change reloads the model."""
+    pins: list[tuple[str, int]] = []
+    lowest = {"num_gpu": -1, "num_thread": 0}
+    for name in list(o.raw):
+        if name not in PINNABLE:
+            o.fail(name, f"cannot be pinned; the options that can are {', '.join(PINNABLE)}")
+        if o.raw[name] is None:
+            o.fail(name, "must be a whole number, got nothing")
+        pins.append((name, o.integer(name, 0, min=lowest.get(name, 1))))
+    o.done()
+    return tuple(pins)
 
 
 def parse_policy(top: Section) -> Policy:
