@@ -7,7 +7,14 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from .exceptions import RequestError
-from .httputil import REQUEST_ID, client_ip, error_response, request_id, wants_openai_errors
+from .httputil import (
+    REQUEST_ID,
+    client_ip,
+    client_label,
+    error_response,
+    request_id,
+    wants_openai_errors,
+)
 from .logs import bind_request
 from .policy import Glob
 from .record import RequestRecord
@@ -96,7 +103,7 @@ def _record_refused_origin(request: web.Request, origin: str) -> None:
         id=request_id(request),
         method=request.method,
         route=canonical_path(request.path),
-        client_ip=str(client_ip(request, settings)),
+        client_ip=client_label(client_ip(request, settings)),
         status=403,
         refusal="origin",
         error=f"browser origin {origin[:200]!r} is not allowed (cors.allow_origins)",

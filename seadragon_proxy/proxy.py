@@ -25,7 +25,7 @@ from .exceptions import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from .httputil import client_ip, request_id
+from .httputil import client_ip, client_label, not_whitelisted, request_id
 from .live import Live
 from .logs import bind_request
 from .netaddr import IPAddress
@@ -129,7 +129,7 @@ class Proxy:
             id=request_id(request),
             method=request.method,
             route=route.path,
-            client_ip=str(ip),
+            client_ip=client_label(ip),
             user_agent=request.headers.get("User-Agent"),
         )
         bind_request(request_id=record.id, client_ip=record.client_ip)
@@ -163,8 +163,6 @@ class Proxy:
         record: RequestRecord,
         ip: IPAddress | None,
     ) -> web.StreamResponse:
-        if ip is None:
-            raise Forbidden("cannot tell the client's address")
         if looped(request.headers):
             raise LoopDetected(
                 f"request loop: upstream.url ({self.upstream.url}) leads back to this proxy; "
@@ -184,17 +182,14 @@ class Proxy:
             parsed = inspect_json(body, require_model=route.queued)
         model = parsed.model if parsed else None
         record.model = model
-        whitelisted = ip in self.live.whitelist
+        whitelisted = ip is not None and ip in self.live.whitelist
         facts = RequestFacts(ip, route.path, request.headers, model, whitelisted)
         decision = settings.policy.classify(facts)
         source = decision.source
         record.source, record.priority = source.name, source.priority
         if source.require_whitelist and not whitelisted:
             record.refusal = "whitelist"
-            raise Forbidden(
-                f"client {ip} is not on the whitelist, which source {source.name!r} requires "
-                f"(an administrator can run: seadragon-proxy whitelist add {ip})"
-            )
+            raise Forbidden(not_whitelisted(ip, source.name))
         if parsed is not None and settings.defaults and route.path in DEFAULT_ROUTES:
             merged = apply_defaults(parsed.doc, settings.defaults, source.name, model)
             if merged is not None:
