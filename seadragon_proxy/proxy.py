@@ -15,6 +15,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
+from .adminauth import check_manage_models
 from .defaults import ROUTES as DEFAULT_ROUTES
 from .defaults import apply_defaults, encode
 from .exceptions import (
@@ -168,6 +169,12 @@ class Proxy:
                 f"request loop: upstream.url ({self.upstream.url}) leads back to this proxy; "
                 "point it at Ollama"
             )
+        whitelisted = ip is not None and ip in self.live.whitelist
+        strip_token = False
+        if route.manages_models:  # its own permission, decided before any body is read
+            record.refusal = "manage_models"
+            grant = check_manage_models(request.headers, ip, whitelisted, settings.admin)
+            record.refusal, strip_token = None, grant == "token"
         body: bytes | None = None
         parsed: JsonBody | None = None
         if route.reads_json:
@@ -182,7 +189,6 @@ class Proxy:
             parsed = inspect_json(body, require_model=route.queued)
         model = parsed.model if parsed else None
         record.model = model
-        whitelisted = ip is not None and ip in self.live.whitelist
         facts = RequestFacts(ip, route.path, request.headers, model, whitelisted)
         decision = settings.policy.classify(facts)
         source = decision.source
@@ -195,6 +201,8 @@ class Proxy:
             if merged is not None:
                 body = encode(merged)  # the one case where the body is not forwarded as sent
         headers = request_headers(request.headers)
+        if strip_token:  # the admin token let it in: it is the proxy's secret, not Ollama's
+            headers.popall("Authorization", None)
         data: bytes | AsyncIterator[bytes] | None = body
         if body is None and request.body_exists:
             data = stream_body(request.content, settings.server.body_timeout)
