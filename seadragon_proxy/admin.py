@@ -4,8 +4,6 @@ answer otherwise is 403, never 401 (the Ollama CLI reads 401 as "sign in to olla
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import math
 import time
@@ -14,46 +12,26 @@ from dataclasses import asdict
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
 
+from .adminauth import admin_grant
+from .audit import audit_note
 from .exceptions import BadRequest, DatabaseError, Forbidden, NotFound, Unavailable
 from .history import History, parse_since, summarize, timeseries
 from .httputil import client_ip
 from .scheduler import Scheduler, Ticket
-from .settings import Secret
 from .typedefs import HISTORY, LIVE, METRICS, SCHEDULER, UPSTREAM
-
-
-def _bearer_matches(request: web.Request, token: Secret) -> bool:
-    given = request.headers.get("Authorization", "")
-    expected = f"Bearer {token.reveal()}"
-    # Hash both so the comparison takes the same time whatever the lengths.
-    return hmac.compare_digest(
-        hashlib.sha256(given.encode()).digest(), hashlib.sha256(expected.encode()).digest()
-    )
 
 
 def authorize(request: web.Request, *, metrics: bool = False) -> None:
     """Raise ``Forbidden`` unless the request may use the admin routes (or, with
     ``metrics``, /metrics, which the read-only metrics token also opens)."""
-    admin = request.app[LIVE].settings.admin
-    if (
-        metrics
-        and admin.metrics_token is not None
-        and _bearer_matches(request, admin.metrics_token)
-    ):
-        return
-    if admin.token is not None:
-        if not _bearer_matches(request, admin.token):
-            raise Forbidden(
-                "admin routes need the header 'Authorization: Bearer <token>' with the token "
-                f"from ${admin.token_env}"
-            )
-        return
-    ip = client_ip(request, request.app[LIVE].settings)
-    if ip is None or not ip.is_loopback:
-        raise Forbidden(
-            f"admin routes are open to loopback clients only until ${admin.token_env} "
-            "is set; set it and send 'Authorization: Bearer <token>'"
-        )
+    settings = request.app[LIVE].settings
+    ip = client_ip(request, settings)
+    try:
+        granted = admin_grant(request.headers, ip, settings.admin, metrics=metrics)
+    except Forbidden as e:
+        audit_note(request, refused="not_admin")
+        raise e from None
+    audit_note(request, granted_by=granted)
 
 
 def ticket_view(

@@ -11,8 +11,10 @@ import structlog
 from aiohttp import web
 
 from . import admin
+from .audit import audit_middleware
 from .dashboard import add_dashboard
 from .exceptions import ShuttingDown
+from .guard import host_middleware
 from .history import History
 from .live import Live
 from .metrics import Metrics
@@ -55,7 +57,13 @@ def create_app(settings: Settings) -> web.Application:
 
     # Bodies are read by the proxy itself, bounded by server.max_body.
     app = web.Application(
-        middlewares=[request_id_middleware, cors_middleware, error_middleware],
+        middlewares=[
+            request_id_middleware,
+            audit_middleware,
+            host_middleware,
+            cors_middleware,
+            error_middleware,
+        ],
         client_max_size=settings.server.max_body,
     )
     app[LIVE] = live

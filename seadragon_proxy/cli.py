@@ -2,6 +2,8 @@
 
 ``main(argv)`` parses arguments and is the only place that decides the exit status:
 0 done, 1 a problem the message explains (bad config, bad address, database), 2 bad usage.
+Every error is one sentence on stderr; what reaches the terminal has control characters
+escaped (``textsafe``).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from typing import TextIO
+from typing import NoReturn, TextIO
 
 from multidict import CIMultiDict
 
@@ -25,6 +27,7 @@ from .netaddr import LOOPBACK, NetworkSet, parse_address
 from .policy import RequestFacts
 from .routes import classify
 from .settings import Settings, config_path, load_settings
+from .textsafe import SafeText, escape
 from .whitelist import WhitelistStore
 
 PROG = "seadragon-proxy"
@@ -34,10 +37,41 @@ class Failure(Exception):
     """A message for the user and exit status 1."""
 
 
+class UsageError(Exception):
+    """Bad usage: one sentence and exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one sentence (no usage dump) and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message} (see '{self.prog} --help')")
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0 to 65535)")
+    return int(text)
+
+
+def _address(text: str) -> str:
+    try:
+        parse_address(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _since(text: str) -> str:
+    try:
+        parse_since(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG, description="A priority-queue reverse proxy for Ollama."
-    )
+    parser = _Parser(prog=PROG, description="A priority-queue reverse proxy for Ollama.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     config_help = "the YAML file (default: $SEADRAGON_CONFIG, else config/seadragon.yaml)"
     common = argparse.ArgumentParser(add_help=False)
@@ -46,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", parents=[common], help="run the proxy")
     serve.add_argument("--host", help="address to listen on (overrides server.host)")
-    serve.add_argument("--port", type=int, help="port to listen on (overrides server.port)")
+    serve.add_argument("--port", type=_port, help="port to listen on (overrides server.port)")
     serve.add_argument("--upstream", metavar="URL", help="Ollama's URL (overrides upstream.url)")
 
     wl = sub.add_parser("whitelist", help="show or change the whitelist")
@@ -65,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         "stats", parents=[common], help="requests, waits, tokens and errors per source and model"
     )
     stats.add_argument(
-        "--since", default="24h", help="a duration (30m, 24h, 7d) or an ISO time (default 24h)"
+        "--since", default="24h", type=_since, help="a duration (30m, 24h, 7d) or an ISO time (default 24h)"
     )
     stats.add_argument("--json", action="store_true", help="print JSON (as /api/admin/stats)")
 
@@ -81,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain = sub.add_parser(
         "explain", parents=[common], help="which source and priority a request would get"
     )
-    explain.add_argument("--ip", default="127.0.0.1", help="client address (default 127.0.0.1)")
+    explain.add_argument("--ip", default="127.0.0.1", type=_address, help="client address (default 127.0.0.1)")
     explain.add_argument("--method", default="POST", help="HTTP method (default POST)")
     explain.add_argument("--path", default="/api/chat", help="request path (default /api/chat)")
     explain.add_argument(
@@ -92,7 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as e:
+        print(escape(str(e)), file=sys.stderr)
+        return 2
+    out: TextIO = SafeText(sys.stdout)  # type: ignore[assignment]  # write/flush suffice
     try:
         if args.command == "serve":
             return _serve(args)
@@ -102,15 +141,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(doctor(config_path(args.config), sys.stdout, generate=args.generate))
         settings = load_settings(config_path(args.config))
         if args.command == "whitelist":
-            return asyncio.run(_whitelist(args, settings, sys.stdout))
+            return asyncio.run(_whitelist(args, settings, out))
         if args.command == "check":
-            return _check(settings, sys.stdout)
+            return _check(settings, out)
         if args.command == "stats":
-            return asyncio.run(_stats(args, settings, sys.stdout))
-        return asyncio.run(_explain(args, settings, sys.stdout))
+            return asyncio.run(_stats(args, settings, out))
+        return asyncio.run(_explain(args, settings, out))
     except (Failure, ConfigError, DatabaseError) as e:
-        print(f"{PROG}: {e}", file=sys.stderr)
+        print(f"{PROG}: {escape(str(e))}", file=sys.stderr)
         return 1
+    except UsageError as e:
+        print(escape(str(e)), file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `seadragon-proxy ... | head`: the reader is done, so are we
@@ -248,7 +290,7 @@ async def _explain(args: argparse.Namespace, settings: Settings, out: TextIO) ->
     for header in args.header:
         name, sep, value = header.partition(":")
         if not sep or not name.strip():
-            raise Failure(f"--header {header!r} must look like 'Name: value'")
+            raise UsageError(f"{PROG} explain: --header {header!r} must look like 'Name: value'")
         headers.add(name.strip(), value.strip())
     store = WhitelistStore(settings.whitelist.database)
     if store.path.exists():

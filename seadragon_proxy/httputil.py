@@ -17,12 +17,34 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 REQUEST_ID = web.RequestKey("request_id", str)  # the id this request is logged under
 
 
+UNKNOWN_CLIENT = "unknown"  # how a client whose address cannot be told is logged and shown
+
+
 def client_ip(request: web.Request, settings: Settings) -> IPAddress | None:
-    """The TCP peer, or the right-most untrusted X-Forwarded-For hop behind a trusted proxy."""
+    """The TCP peer, or the right-most untrusted X-Forwarded-For hop behind a trusted proxy;
+    ``None`` (unknown: never whitelisted, never admin) when a trusted proxy's header cannot
+    be read."""
     return client_address(
         request.remote,
         request.headers.getall("X-Forwarded-For", ()),
         settings.server.trusted_proxies,
+    )
+
+
+def client_label(ip: IPAddress | None) -> str:
+    return UNKNOWN_CLIENT if ip is None else str(ip)
+
+
+def not_whitelisted(ip: IPAddress | None, source: str) -> str:
+    """The 403 message for a client the whitelist does not admit to ``source``."""
+    if ip is None:
+        return (
+            f"the client's address is unknown (a trusted proxy sent an X-Forwarded-For "
+            f"entry that is not an address), and source {source!r} requires the whitelist"
+        )
+    return (
+        f"client {ip} is not on the whitelist, which source {source!r} requires "
+        f"(an administrator can run: seadragon-proxy whitelist add {ip})"
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import logging
 import queue
+import re
 import sys
 import threading
 from typing import Any, TextIO
@@ -19,27 +20,52 @@ from aiohttp.http_exceptions import HttpProcessingError
 from structlog.typing import EventDict, Processor, WrappedLogger
 
 from .settings import LogSettings
+from .textsafe import escape, excerpt
 
 _SECRET_KEYS = frozenset({"authorization", "token", "admin_token", "api_key", "password", "secret"})
 
 
+# A credential inside free text (an error message quoting a header): scheme kept, value not.
+_CREDENTIAL = re.compile(r"(?i)\b(bearer|basic)(\s+)[^\s'\"\\,;]+")
+
+
 def redact_secrets(_logger: WrappedLogger, _method: str, event: EventDict) -> EventDict:
-    """Belt and braces: a value logged under a secret-sounding key is never written out."""
-    for key in event:
+    """Belt and braces: a value logged under a secret-sounding key is never written out,
+    and a ``Bearer …``/``Basic …`` credential inside any text is replaced."""
+    for key, value in event.items():
         if key.lower() in _SECRET_KEYS:
             event[key] = "[redacted]"
+        elif isinstance(value, str) and _CREDENTIAL.search(value):
+            event[key] = _CREDENTIAL.sub(r"\1\2[redacted]", value)
     return event
+
+
+def escape_text(_logger: WrappedLogger, _method: str, event: EventDict) -> EventDict:
+    """For the console: control characters in any value (a model name, a header, aiohttp's
+    own messages) are escaped, so a log line cannot drive the operator's terminal."""
+    for key, value in event.items():
+        if isinstance(value, str) and not key.startswith("_"):
+            event[key] = escape(value)
+    return event
+
+
+def bad_request_reason(error: HttpProcessingError) -> str:
+    """What was wrong, without the request's bytes: aiohttp quotes the offending line (a
+    ``Bearer`` token, a secret in a query string), so only the text before the quote stays."""
+    first = str(error.message or type(error).__name__).splitlines()[0]
+    first = re.split(r"""[:\s]*b?['"]""", first, maxsplit=1)[0].rstrip(" :.")
+    return excerpt(first or type(error).__name__, 120)
 
 
 class QuietBadRequests(logging.Filter):
     """aiohttp logs each malformed request (a scanner, TLS on the plain port, a smuggling
-    attempt) with a traceback; one warning line without it is enough."""
+    attempt) with a traceback; one warning line without it, or its bytes, is enough."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and isinstance(record.exc_info[1], HttpProcessingError):
             error = record.exc_info[1]
-            record.msg = "bad_http_request: %s"
-            record.args = (str(error.message).splitlines()[0] if error.message else error,)
+            record.msg = "bad_http_request: %s (%s)"
+            record.args = (bad_request_reason(error), type(error).__name__)
             record.levelno, record.levelname = logging.WARNING, "WARNING"
             record.exc_info = record.exc_text = None
         return True
@@ -118,17 +144,19 @@ def configure_logging(
         redact_secrets,
     ]
     renderer: Processor
-    if as_json:
+    last: list[Processor] = []
+    if as_json:  # json.dumps escapes every control character itself
         renderer = structlog.processors.JSONRenderer()
         shared.append(structlog.processors.format_exc_info)
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=out.isatty())
+        last.append(escape_text)
     level = logging.getLevelNamesMapping()[settings.level.upper()]
     stop_logging()
     _writer = writer = LineWriter(out)
     atexit.register(stop_logging)
     structlog.configure(
-        processors=[*shared, renderer],
+        processors=[*shared, *last, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=lambda *_args: QueuedLogger(writer),
         cache_logger_on_first_use=cache_loggers,
@@ -138,7 +166,11 @@ def configure_logging(
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                *last,
+                renderer,
+            ],
         )
     )
     root = logging.getLogger()

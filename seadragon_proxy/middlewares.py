@@ -1,4 +1,5 @@
-"""Middlewares: domain errors become HTTP answers here and only here; CORS is decided here."""
+"""Middlewares: domain errors become HTTP answers here and only here; CORS is decided here
+(the admin API, /metrics and the dashboard by ``admin.allow_origins`` only)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,20 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from .audit import audit_note
 from .exceptions import RequestError
-from .httputil import REQUEST_ID, client_ip, error_response, request_id, wants_openai_errors
+from .httputil import (
+    REQUEST_ID,
+    client_ip,
+    client_label,
+    error_response,
+    request_id,
+    wants_openai_errors,
+)
 from .logs import bind_request
 from .policy import Glob
 from .record import RequestRecord
-from .routes import canonical_path
+from .routes import canonical_path, is_admin_surface
 from .settings import CorsSettings
 from .typedefs import LIVE, RECORDER
 
@@ -37,6 +46,21 @@ def origin_allowed(origin: str, cors: CorsSettings) -> bool:
     if any(glob.matches(origin) for glob in cors.allow_origins):
         return True
     return cors.allow_ollama_defaults and any(g.matches(origin) for g in OLLAMA_DEFAULT_ORIGINS)
+
+
+def request_origin_allowed(request: web.Request, origin: str) -> bool:
+    """Ollama routes: ``cors.*``. The admin API, /metrics and the dashboard: only
+    ``admin.allow_origins`` and the proxy's own page (Origin's host:port is the request's
+    Host, which the Host check has already accepted)."""
+    settings = request.app[LIVE].settings
+    if not is_admin_surface(request.path):
+        return origin_allowed(origin, settings.cors)
+    origin = origin.rstrip("/")
+    if any(glob.matches(origin) for glob in settings.admin.allow_origins):
+        return True
+    host = request.headers.get("Host")
+    own = origin.partition("://")[2]
+    return host is not None and own.lower() == host.strip().lower()
 
 
 @web.middleware
@@ -74,8 +98,11 @@ async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamR
     origin = request.headers.get("Origin")
     if origin is None:
         return await handler(request)
-    if not origin_allowed(origin, request.app[LIVE].settings.cors):
-        _record_refused_origin(request, origin)
+    if not request_origin_allowed(request, origin):
+        if is_admin_surface(request.path):
+            audit_note(request, refused="origin")  # the audit line, not a request record
+        else:
+            _record_refused_origin(request, origin)
         return web.Response(status=403)
     if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
         requested = request.headers.get("Access-Control-Request-Headers")
@@ -96,7 +123,7 @@ def _record_refused_origin(request: web.Request, origin: str) -> None:
         id=request_id(request),
         method=request.method,
         route=canonical_path(request.path),
-        client_ip=str(client_ip(request, settings)),
+        client_ip=client_label(client_ip(request, settings)),
         status=403,
         refusal="origin",
         error=f"browser origin {origin[:200]!r} is not allowed (cors.allow_origins)",
@@ -112,7 +139,7 @@ async def answer_headers(request: web.Request, response: web.StreamResponse) -> 
     if REQUEST_ID in request:
         response.headers["X-Request-Id"] = request[REQUEST_ID]
     origin = request.headers.get("Origin")
-    if origin is not None and origin_allowed(origin, request.app[LIVE].settings.cors):
+    if origin is not None and request_origin_allowed(request, origin):
         response.headers["Access-Control-Allow-Origin"] = origin
         response.headers["Access-Control-Expose-Headers"] = "X-Request-Id, Retry-After"
         response.headers.add("Vary", "Origin")

@@ -108,15 +108,37 @@ class NetworkSet:
         return f"NetworkSet([{', '.join(str(n) for n in self._networks)}])"
 
 
+def parse_forwarded_hop(text: str) -> IPAddress:
+    """One ``X-Forwarded-For`` entry: an address, ``IPv4:port``, ``[IPv6]`` or ``[IPv6]:port``.
+
+    Anything else (``unknown``, an empty entry, an obfuscated RFC 7239 name, garbage)
+    raises ``ValueError``.
+    """
+    raw = text.strip()
+    if raw.startswith("["):
+        inside, sep, rest = raw[1:].partition("]")
+        if not sep or (rest and not (rest[0] == ":" and rest[1:].isdigit())):
+            raise ValueError(f"{text!r} is not an address")
+        raw = inside
+    elif raw.count(":") == 1:  # IPv4:port (a bare IPv6 address has at least two colons)
+        raw, _, port = raw.partition(":")
+        if not port.isdigit():
+            raise ValueError(f"{text!r} is not an address")
+    if not raw or "%" in raw:
+        raise ValueError(f"{text!r} is not an address")
+    return parse_address(raw)
+
+
 def client_address(
     peer: str | None, forwarded_for: Sequence[str], trusted: NetworkSet
 ) -> IPAddress | None:
-    """The address a request is judged by.
+    """The address a request is judged by, or ``None`` when it cannot be known.
 
     The TCP peer, unless the peer is a trusted proxy: then ``X-Forwarded-For`` is
     walked from the right, skipping trusted hops, and the first untrusted address
-    is the client. An entry that is not an address ends the walk at the last hop
-    that was believable. Returns ``None`` only when the peer itself is unknown.
+    is the client. An entry that cannot be read (``unknown``, empty, garbage) makes
+    the client unknown: never the trusted hop that passed it on. A trusted peer
+    that sends no ``X-Forwarded-For`` at all is itself the client.
     """
     if peer is None:
         return None
@@ -129,9 +151,9 @@ def client_address(
     hops = [hop for header in forwarded_for for hop in header.split(",")]
     for hop in reversed(hops):
         try:
-            current = parse_address(hop)
+            current = parse_forwarded_hop(hop)
         except ValueError:
-            return current
+            return None
         if current not in trusted:
             return current
     return current

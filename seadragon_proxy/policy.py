@@ -42,7 +42,7 @@ def _first(globs: tuple[Glob, ...], value: str | None) -> Glob | None:
 class RequestFacts:
     """What the policy may look at. ``headers`` must be case-insensitive (a CIMultiDict)."""
 
-    client_ip: IPAddress
+    client_ip: IPAddress | None  # None: unknown (an unreadable X-Forwarded-For)
     path: str
     headers: Mapping[str, str]
     model: str | None = None

@@ -15,6 +15,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
+from .adminauth import check_manage_models
 from .defaults import ROUTES as DEFAULT_ROUTES
 from .defaults import encode, merge
 from .exceptions import (
@@ -25,7 +26,7 @@ from .exceptions import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from .httputil import client_ip, request_id
+from .httputil import client_ip, client_label, not_whitelisted, request_id
 from .live import Live
 from .logs import bind_request
 from .netaddr import IPAddress
@@ -129,7 +130,7 @@ class Proxy:
             id=request_id(request),
             method=request.method,
             route=route.path,
-            client_ip=str(ip),
+            client_ip=client_label(ip),
             user_agent=request.headers.get("User-Agent"),
         )
         bind_request(request_id=record.id, client_ip=record.client_ip)
@@ -163,13 +164,17 @@ class Proxy:
         record: RequestRecord,
         ip: IPAddress | None,
     ) -> web.StreamResponse:
-        if ip is None:
-            raise Forbidden("cannot tell the client's address")
         if looped(request.headers):
             raise LoopDetected(
                 f"request loop: upstream.url ({self.upstream.url}) leads back to this proxy; "
                 "point it at Ollama"
             )
+        whitelisted = ip is not None and ip in self.live.whitelist
+        strip_token = False
+        if route.manages_models:  # its own permission, decided before any body is read
+            record.refusal = "manage_models"
+            grant = check_manage_models(request.headers, ip, whitelisted, settings.admin)
+            record.refusal, strip_token = None, grant == "token"
         body: bytes | None = None
         parsed: JsonBody | None = None
         if route.reads_json:
@@ -184,23 +189,21 @@ class Proxy:
             parsed = inspect_json(body, require_model=route.queued)
         model = parsed.model if parsed else None
         record.model = model
-        whitelisted = ip in self.live.whitelist
         facts = RequestFacts(ip, route.path, request.headers, model, whitelisted)
         decision = settings.policy.classify(facts)
         source = decision.source
         record.source, record.priority = source.name, source.priority
         if source.require_whitelist and not whitelisted:
             record.refusal = "whitelist"
-            raise Forbidden(
-                f"client {ip} is not on the whitelist, which source {source.name!r} requires "
-                f"(an administrator can run: seadragon-proxy whitelist add {ip})"
-            )
+            raise Forbidden(not_whitelisted(ip, source.name))
         if parsed is not None and settings.defaults and route.path in DEFAULT_ROUTES:
             merged = merge(parsed.doc, settings.defaults, source.name, model)
             if merged.doc is not None:
                 body = encode(merged.doc)  # the one case where the body is not forwarded as sent
                 record.pinned = merged.describe() or None
         headers = request_headers(request.headers)
+        if strip_token:  # the admin token let it in: it is the proxy's secret, not Ollama's
+            headers.popall("Authorization", None)
         data: bytes | AsyncIterator[bytes] | None = body
         if body is None and request.body_exists:
             data = stream_body(request.content, settings.server.body_timeout)

@@ -33,6 +33,23 @@ JSON_PATHS = frozenset(
 )
 
 
+# Model management: its own permission (admin.manage_models), and behind the Host check.
+MANAGEMENT_PATHS = JSON_PATHS - {"/api/show"}
+BLOBS_PREFIX = "/api/blobs/"
+
+
+def manages_models(path: str) -> bool:
+    """pull, push, create, copy, delete and blobs, by any method (``path`` canonical)."""
+    return path in MANAGEMENT_PATHS or path.startswith(BLOBS_PREFIX)
+
+
+def is_admin_surface(raw_path: str) -> bool:
+    """The proxy's own operator routes: the admin API, ``/metrics`` and the dashboard."""
+    return raw_path == "/metrics" or any(
+        raw_path == p or raw_path.startswith(p + "/") for p in ("/api/admin", "/admin")
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
     """How a request is handled.
@@ -50,6 +67,10 @@ class Route:
     @property
     def queued(self) -> bool:
         return self.kind == "inference"
+
+    @property
+    def manages_models(self) -> bool:
+        return manages_models(self.path)
 
     @property
     def reads_json(self) -> bool:

@@ -28,6 +28,7 @@ CONFIG_ENV = "SEADRAGON_CONFIG"
 DEFAULT_CONFIG = Path("config/seadragon.yaml")
 
 LogFormat = Literal["auto", "json", "console"]
+ManageModels = Literal["whitelisted", "admin", "anyone"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 
 
@@ -65,6 +66,9 @@ class ServerSettings:
     header_timeout: float = 30.0  # seconds to send request headers (also keep-alive idle)
     body_timeout: float = 60.0  # seconds of silence while a request body is arriving
     shutdown_grace: float = 30.0  # seconds in-flight streams may finish after SIGTERM
+    # Host names (globs) the admin, dashboard, /metrics and model-management routes answer
+    # to, besides IP literals, localhost, the machine's name and server.host (hostcheck.py).
+    allowed_hosts: tuple[Glob, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +101,8 @@ class AdminSettings:
     # A second, read-only token that opens /metrics only (for the Prometheus scraper).
     metrics_token_env: str = "SEADRAGON_METRICS_TOKEN"  # noqa: S105 - the name of a variable
     metrics_token: Secret | None = None
+    allow_origins: tuple[Glob, ...] = ()  # browser origins (besides the proxy's own) for admin
+    manage_models: ManageModels = "whitelisted"  # who may pull, push, create, copy, delete
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,6 +260,9 @@ def _server(s: Section) -> ServerSettings:
         header_timeout=s.seconds("header_timeout", d.header_timeout, min=1),
         body_timeout=s.seconds("body_timeout", d.body_timeout, min=1),
         shutdown_grace=s.seconds("shutdown_grace", d.shutdown_grace),
+        allowed_hosts=tuple(
+            Glob.compile(h.lower().rstrip(".")) for h in s.strings("allowed_hosts", allow_empty=True)
+        ),
     )
     s.done()
     return result
@@ -296,13 +305,22 @@ def _admin(s: Section, env: os._Environ[str] | dict[str, str]) -> AdminSettings:
     d = AdminSettings()
     token_env = s.text("token_env", d.token_env)
     metrics_env = s.text("metrics_token_env", d.metrics_token_env)
+    origins = s.strings("allow_origins", allow_empty=True)
+    manage = s.choice("manage_models", d.manage_models, ("whitelisted", "admin", "anyone"))
     s.done()
 
     def secret(name: str) -> Secret | None:
         value = env.get(name, "").strip()
         return Secret(value) if value else None
 
-    return AdminSettings(token_env, secret(token_env), metrics_env, secret(metrics_env))
+    return AdminSettings(
+        token_env,
+        secret(token_env),
+        metrics_env,
+        secret(metrics_env),
+        allow_origins=tuple(Glob.compile(o.rstrip("/")) for o in origins),
+        manage_models=manage,  # type: ignore[arg-type]  # checked by choice()
+    )
 
 
 def _cors(s: Section) -> CorsSettings:

@@ -216,5 +216,5 @@ def test_stats_command_without_a_database(
     config.write_text("sources: [{name: a, priority: 1}]\ndefault_source: a\n")
     assert main(["stats", "--config", str(config)]) == 1
     assert "does not exist yet" in capsys.readouterr().err
-    assert main(["stats", "--since", "soon", "--config", str(config)]) == 1
+    assert main(["stats", "--since", "soon", "--config", str(config)]) == 2  # bad usage
     assert "not a time" in capsys.readouterr().err

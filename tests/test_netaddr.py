@@ -110,7 +110,6 @@ TRUSTED = NetworkSet.parse(["127.0.0.1", "10.9.0.0/16"])
         ("127.0.0.1", ["6.6.6.6, 1.2.3.4"], "1.2.3.4"),  # client-written left part ignored
         ("127.0.0.1", ["6.6.6.6, 1.2.3.4, 10.9.1.1"], "1.2.3.4"),  # trusted hops skipped
         ("127.0.0.1", ["6.6.6.6", "1.2.3.4"], "1.2.3.4"),  # several headers join in order
-        ("127.0.0.1", ["garbage, 10.9.1.1"], "10.9.1.1"),  # stops at the last believable hop
         ("127.0.0.1", ["10.9.1.1"], "10.9.1.1"),  # all trusted: the left-most
         ("127.0.0.1", ["::ffff:1.2.3.4"], "1.2.3.4"),
         ("::ffff:127.0.0.1", ["1.2.3.4"], "1.2.3.4"),  # mapped peer is trusted too
@@ -119,6 +118,44 @@ TRUSTED = NetworkSet.parse(["127.0.0.1", "10.9.0.0/16"])
 )
 def test_client_address(peer: str, forwarded: list[str], expected: str) -> None:
     assert client_address(peer, forwarded, TRUSTED) == ip_address(expected)
+
+
+@pytest.mark.parametrize(
+    ("forwarded", "expected"),
+    [
+        (["203.0.113.9:4711"], "203.0.113.9"),
+        (["[2001:db8::9]:443"], "2001:db8::9"),
+        (["[2001:db8::9]"], "2001:db8::9"),
+        (["2001:db8::9"], "2001:db8::9"),
+        (["6.6.6.6, 203.0.113.9:4711, 10.9.1.1:80"], "203.0.113.9"),  # trusted hop with port
+        (["[::ffff:1.2.3.4]:80"], "1.2.3.4"),
+    ],
+)
+def test_client_address_understands_ports(forwarded: list[str], expected: str) -> None:
+    assert client_address("127.0.0.1", forwarded, TRUSTED) == ip_address(expected)
+
+
+@pytest.mark.parametrize(
+    "forwarded",
+    [
+        ["unknown"],
+        ["1.2.3.4, "],  # a trailing empty entry
+        [""],
+        [","],
+        ["garbage, 10.9.1.1"],  # the trusted hop passed on garbage: not the hop itself
+        ["_hidden"],  # an RFC 7239 obfuscated identifier
+        ["1.2.3.4:port"],
+        ["1.2.3.4:"],
+        ["[2001:db8::9]x"],
+        ["[2001:db8::9"],
+        ["[1.2.3.4]:80:80"],
+        ["fe80::1%eth0"],
+        ["999.1.1.1"],
+        ["1.2.3.4:80:90"],
+    ],
+)
+def test_unreadable_forwarded_for_makes_the_client_unknown(forwarded: list[str]) -> None:
+    assert client_address("127.0.0.1", forwarded, TRUSTED) is None
 
 
 def test_client_address_unknown_peer() -> None:
