@@ -73,7 +73,9 @@ def create_app(settings: Settings) -> web.Application:
     app[PROXY] = proxy
     app[METRICS] = metrics
     app[HISTORY] = history
-    app.cleanup_ctx.extend([whitelist_ctx, history_ctx, upstream_ctx, watcher_ctx, scheduler_ctx])
+    app.cleanup_ctx.extend(
+        [whitelist_ctx, history_ctx, upstream_ctx, watcher_ctx, scheduler_ctx, parser_ctx]
+    )
     app.on_response_prepare.append(answer_headers)
 
     app.router.add_get("/health", admin.health_view, allow_head=True)
@@ -158,6 +160,12 @@ def _report_watcher_end(task: asyncio.Task[None]) -> None:
             error=repr(task.exception()),
             effect="edits to the config and whitelist need SIGHUP until restart",
         )
+
+
+async def parser_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The JSON worker process (started on the first big body) goes with the app."""
+    yield
+    app[PROXY].parser.close()
 
 
 async def scheduler_ctx(app: web.Application) -> AsyncIterator[None]:

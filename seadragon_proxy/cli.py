@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="A priority-queue reverse proxy for Ollama.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     config_help = "the YAML file (default: $SEADRAGON_CONFIG, else config/seadragon.yaml)"
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--config", metavar="PATH", help=config_help)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -99,7 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
         "stats", parents=[common], help="requests, waits, tokens and errors per source and model"
     )
     stats.add_argument(
-        "--since", default="24h", type=_since, help="a duration (30m, 24h, 7d) or an ISO time (default 24h)"
+        "--since",
+        default="24h",
+        type=_since,
+        help="a duration (30m, 24h, 7d) or an ISO time (default 24h)",
     )
     stats.add_argument("--json", action="store_true", help="print JSON (as /api/admin/stats)")
 
@@ -115,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     explain = sub.add_parser(
         "explain", parents=[common], help="which source and priority a request would get"
     )
-    explain.add_argument("--ip", default="127.0.0.1", type=_address, help="client address (default 127.0.0.1)")
+    explain.add_argument(
+        "--ip", default="127.0.0.1", type=_address, help="client address (default 127.0.0.1)"
+    )
     explain.add_argument("--method", default="POST", help="HTTP method (default POST)")
     explain.add_argument("--path", default="/api/chat", help="request path (default /api/chat)")
     explain.add_argument(

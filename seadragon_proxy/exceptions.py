@@ -7,13 +7,15 @@
         ├── BadRequest           400  body not a JSON object, model missing or not a string
         ├── Forbidden            403  not whitelisted, admin route without the token
         ├── NotFound             404  an admin resource that does not exist
-        ├── PayloadTooLarge      413  body over server.max_body
+        ├── PayloadTooLarge      413  body over server.max_body or server.max_json_elements
+        ├── UnsupportedEncoding  415  a request body with a Content-Encoding the route cannot take
         ├── RequestTimeout       408  the client stopped sending its body
         ├── UpstreamUnavailable  502  Ollama refuses connections or hung up before answering
         ├── QueueFull            503  queue.max_size reached (Ollama's own message)
         ├── QueueTimeout         503  waited longer than queue.max_wait
         ├── ShuttingDown         503  the proxy is stopping
         ├── Unavailable          503  the database behind an admin route cannot be read
+        ├── BodiesFull           503  request bodies in progress hold server.max_body_memory
         ├── UpstreamTimeout      504  Ollama accepted the request but said nothing for idle_timeout
         └── LoopDetected         508  upstream.url leads back to this proxy
 
@@ -79,6 +81,11 @@ class PayloadTooLarge(RequestError):
     openai_type = "invalid_request_error"
 
 
+class UnsupportedEncoding(RequestError):
+    status = 415
+    openai_type = "invalid_request_error"
+
+
 class UpstreamUnavailable(RequestError):
     status = 502
 
@@ -109,6 +116,10 @@ class ShuttingDown(RequestError):
 
 
 class Unavailable(RequestError):
+    status = 503
+
+
+class BodiesFull(RequestError):
     status = 503
 
 

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import math
 import re
+import sqlite3
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
@@ -63,13 +64,26 @@ _INSERT = f"INSERT INTO requests VALUES ({', '.join('?' * 18)})"  # noqa: S608 -
 Row = tuple[object, ...]
 
 
+def storable(text: str | None) -> str | None:
+    """Any string a client sent, as text SQLite (UTF-8) can hold: a lone surrogate such as
+    ``\ud800`` from a JSON ``"\\ud800"`` becomes the six characters ``\\ud800``."""
+    if text is None or text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
 def as_row(r: RequestRecord) -> Row:
     u = r.usage
     return (
-        r.started_at, r.id, r.source, r.priority, r.client_ip, r.method, r.route, r.model,
+        r.started_at, storable(r.id), storable(r.source), r.priority, storable(r.client_ip),
+        storable(r.method), storable(r.route), storable(r.model),
         r.status, int(r.queued), r.queue_wait, r.upstream_time, r.bytes_out,
         u.eval_count if u else 0, u.prompt_eval_count if u else 0,
-        u.eval_duration_ns / 1e9 if u else 0.0, int(r.hung_up), r.error,
+        u.eval_duration_ns / 1e9 if u else 0.0, int(r.hung_up), storable(r.error),
     )  # fmt: skip
 
 
@@ -130,7 +144,7 @@ class History:
                 return 0
             try:
                 async with connect(self.path, create=True) as db:
-                    await db.executemany(_INSERT, rows)
+                    await self._insert(db, rows)
                     await db.commit()
                     if time.monotonic() - self._last_prune >= PRUNE_EVERY:
                         await self._prune(db)
@@ -145,6 +159,21 @@ class History:
                 log.info("history_write_recovered", written=len(rows))
             self._failing = False
             return len(rows)
+
+    async def _insert(self, db: aiosqlite.Connection, rows: list[Row]) -> None:
+        """All rows at once; if the batch is refused for something in it rather than for the
+        database, row by row, so one bad row is logged and dropped and never blocks the rest."""
+        try:
+            await db.executemany(_INSERT, rows)
+            return
+        except (ValueError, TypeError, OverflowError, sqlite3.InterfaceError):
+            await db.rollback()
+        for row in rows:
+            try:
+                await db.execute(_INSERT, row)
+            except (ValueError, TypeError, OverflowError, sqlite3.InterfaceError) as e:
+                self.dropped += 1
+                log.error("history_row_dropped", error=repr(e)[:200], request_id=ascii(row[1]))
 
     async def _prune(self, db: aiosqlite.Connection) -> None:
         self._last_prune = time.monotonic()

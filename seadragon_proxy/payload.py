@@ -2,22 +2,33 @@
 
 Ollama reads the body as JSON whatever the Content-Type says (``curl -d`` sends
 form-urlencoded and works), so this does too. The bytes forwarded are the bytes
-received; the parsed object is only looked at.
+received; the parsed object is only looked at. The ``*_in_worker`` functions run in a
+worker process (bodies.py) and send back only what the proxy needs, never the object.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .defaults import RequestDefaults, encode, merge
 from .exceptions import BadRequest
+
+_STRUCTURE = (b",", b"{", b"[")
+
+
+def count_elements(chunk: bytes) -> int:
+    """An upper bound on the JSON values a piece of a body can add: its commas and its
+    opening brackets (those inside strings too). C-speed, so it is counted as bytes arrive."""
+    return sum(chunk.count(c) for c in _STRUCTURE)
 
 
 @dataclass(frozen=True, slots=True)
 class JsonBody:
     raw: bytes
-    doc: dict[str, Any]
+    doc: dict[str, Any] | None  # None when it was parsed in a worker process
     model: str | None
 
 
@@ -60,3 +71,20 @@ def _json_type(value: object) -> str:
     if isinstance(value, list):
         return "an array"
     return "an object" if isinstance(value, dict) else "null"
+
+
+def inspect_in_worker(raw: bytes, require_model: bool) -> tuple[str | None, str | None]:
+    """In a worker process: ``(model, None)``, or ``(None, message)`` for a 400."""
+    try:
+        return inspect_json(raw, require_model=require_model).model, None
+    except BadRequest as e:
+        return None, e.message
+
+
+def merge_in_worker(
+    raw: bytes, rules: Sequence[RequestDefaults], source: str, model: str | None
+) -> tuple[bytes, str] | None:
+    """In a worker process: the body with the defaults merged in and what was pinned
+    (``describe()``), or ``None`` if unchanged."""
+    merged = merge(json.loads(raw), rules, source, model)
+    return None if merged.doc is None else (encode(merged.doc), merged.describe())

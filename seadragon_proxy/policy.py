@@ -9,7 +9,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .netaddr import IPAddress, NetworkSet
 
@@ -159,6 +159,19 @@ class Policy:
             if reasons is not None:
                 return Decision(source, index, reasons)
         return Decision(self.default, None, ())
+
+    def could_accept(self, facts: RequestFacts) -> bool:
+        """Whether some source could accept a request with these facts whatever its model
+        (``facts.model`` is ignored): ``False`` refuses it before its body is read."""
+        for source in self.sources:
+            match = source.match
+            if match is not None and replace(match, model=()).evaluate(facts) is None:
+                continue  # fails on what is known already, whatever the model
+            if not source.require_whitelist or facts.whitelisted:
+                return True
+            if match is None or not match.model:
+                return False  # this rule decides for every model, and refuses
+        return not self.default.require_whitelist or facts.whitelisted
 
     def source(self, name: str) -> Source | None:
         return next((s for s in self.sources if s.name == name), None)

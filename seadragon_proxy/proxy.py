@@ -1,7 +1,8 @@
 """The catch-all handler: classify, check the whitelist, wait for a turn, forward, stream back.
 
-Bodies on JSON routes are read (bounded) and forwarded as the same bytes; other
-bodies, and every response, stream through chunk by chunk as they arrive.
+Bodies on JSON routes are read (bounded, see bodies.py) only once some source could
+accept the request, and forwarded as the same bytes; other bodies, and every response,
+stream through chunk by chunk as they arrive.
 """
 
 from __future__ import annotations
@@ -16,22 +17,24 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from .adminauth import check_manage_models
-from .defaults import ROUTES as DEFAULT_ROUTES
-from .defaults import encode, merge
-from .exceptions import (
-    Forbidden,
-    LoopDetected,
-    PayloadTooLarge,
-    RequestTimeout,
-    UpstreamTimeout,
-    UpstreamUnavailable,
+from .bodies import (
+    BodyMemory,
+    Hold,
+    JsonParser,
+    SendTimeout,
+    raw_encoding,
+    read_json_body,
+    stream_body,
+    write_within,
 )
+from .defaults import ROUTES as DEFAULT_ROUTES
+from .exceptions import Forbidden, LoopDetected, UpstreamTimeout, UpstreamUnavailable
 from .httputil import client_ip, client_label, not_whitelisted, request_id
 from .live import Live
 from .logs import bind_request
 from .netaddr import IPAddress
-from .payload import JsonBody, inspect_json
-from .policy import RequestFacts
+from .payload import JsonBody
+from .policy import RequestFacts, Source
 from .record import Recorder, RequestRecord
 from .routes import Route, classify
 from .scheduler import Scheduler, Slot, Ticket
@@ -40,52 +43,6 @@ from .upstream import Health, Upstream, looped, request_headers, response_header
 from .usage import UsageTail
 
 SHUTDOWN_MESSAGE = "seadragon-proxy is shutting down"
-
-
-async def read_body(content: aiohttp.StreamReader, limit: int, idle: float) -> bytes:
-    """The whole body, refusing it once it passes ``limit`` bytes or goes quiet for ``idle`` s."""
-    first = content.read_nowait()  # usually the whole (small) body is here already
-    if content.is_eof():
-        if len(first) > limit:
-            raise PayloadTooLarge(_too_large(limit))
-        return first
-    chunks: list[bytes] = [first] if first else []
-    size = len(first)
-    if size > limit:
-        raise PayloadTooLarge(_too_large(limit))
-    while True:
-        try:
-            async with asyncio.timeout(idle):
-                chunk = await content.readany()
-        except TimeoutError:
-            raise RequestTimeout(
-                f"the request body stopped arriving for server.body_timeout ({idle:g} s)"
-            ) from None
-        if not chunk:
-            return b"".join(chunks)
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(_too_large(limit))
-        chunks.append(chunk)
-
-
-async def stream_body(content: aiohttp.StreamReader, idle: float) -> AsyncIterator[bytes]:
-    """Pass a body through as it arrives (blob uploads can be many GB)."""
-    while True:
-        try:
-            async with asyncio.timeout(idle):
-                chunk = await content.readany()
-        except TimeoutError:
-            raise RequestTimeout(
-                f"the request body stopped arriving for server.body_timeout ({idle:g} s)"
-            ) from None
-        if not chunk:
-            return
-        yield chunk
-
-
-def _too_large(limit: int) -> str:
-    return f"request body is larger than server.max_body ({limit} bytes)"
 
 
 def stream_error_line(content_type: str, message: str, after: bytes = b"") -> bytes | None:
@@ -121,6 +78,8 @@ class Proxy:
         self.recorder = recorder
         self.active: set[asyncio.Task[object]] = set()
         self.stopping = False
+        self.bodies = BodyMemory(live.settings.server.max_body_memory)
+        self.parser = JsonParser()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         settings = self.live.settings
@@ -138,7 +97,8 @@ class Proxy:
         assert task is not None
         self.active.add(task)
         try:
-            return await self._serve(request, settings, route, record, ip)
+            with self.bodies.hold() as hold:
+                return await self._serve(request, settings, route, record, ip, hold)
         except asyncio.CancelledError:
             record.hung_up = not self.stopping
             record.error = record.error or ("shutdown" if self.stopping else "client hung up")
@@ -163,6 +123,7 @@ class Proxy:
         route: Route,
         record: RequestRecord,
         ip: IPAddress | None,
+        hold: Hold,
     ) -> web.StreamResponse:
         if looped(request.headers):
             raise LoopDetected(
@@ -175,18 +136,17 @@ class Proxy:
             record.refusal = "manage_models"
             grant = check_manage_models(request.headers, ip, whitelisted, settings.admin)
             record.refusal, strip_token = None, grant == "token"
+        facts = RequestFacts(ip, route.path, request.headers, None, whitelisted)
+        if not settings.policy.could_accept(facts):  # refused before its body is read
+            raise self._not_whitelisted(record, settings.policy.classify(facts).source, ip)
         body: bytes | None = None
         parsed: JsonBody | None = None
         if route.reads_json:
-            if (
-                request.content_length is not None
-                and request.content_length > settings.server.max_body
-            ):
-                raise PayloadTooLarge(_too_large(settings.server.max_body))
-            body = await read_body(
-                request.content, settings.server.max_body, settings.server.body_timeout
-            )
-            parsed = inspect_json(body, require_model=route.queued)
+            read = await read_json_body(request, settings.server, hold)
+            parsed = await self.parser.inspect(read, require_model=route.queued)
+            body = read.raw
+        elif request.body_exists:
+            raw_encoding(request.headers)
         model = parsed.model if parsed else None
         record.model = model
         facts = RequestFacts(ip, route.path, request.headers, model, whitelisted)
@@ -194,14 +154,15 @@ class Proxy:
         source = decision.source
         record.source, record.priority = source.name, source.priority
         if source.require_whitelist and not whitelisted:
-            record.refusal = "whitelist"
-            raise Forbidden(not_whitelisted(ip, source.name))
+            raise self._not_whitelisted(record, source, ip)
         if parsed is not None and settings.defaults and route.path in DEFAULT_ROUTES:
-            merged = merge(parsed.doc, settings.defaults, source.name, model)
-            if merged.doc is not None:
-                body = encode(merged.doc)  # the one case where the body is not forwarded as sent
-                record.pinned = merged.describe() or None
+            merged = await self.parser.with_defaults(parsed, settings.defaults, source.name)
+            if merged is not None:  # the one case where the body is not forwarded as sent
+                body, pinned = merged
+                hold.take(len(body))
+                record.pinned = pinned or None
         headers = request_headers(request.headers)
+        headers.popall("Content-Encoding", None)  # JSON bodies are decoded; others plain
         if strip_token:  # the admin token let it in: it is the proxy's secret, not Ollama's
             headers.popall("Authorization", None)
         data: bytes | AsyncIterator[bytes] | None = body
@@ -251,6 +212,12 @@ class Proxy:
                 record.upstream_time = self.scheduler.now() - started
             return await self._relay(request, response, slot, record, started)
 
+    @staticmethod
+    def _not_whitelisted(record: RequestRecord, source: Source, ip: IPAddress | None) -> Forbidden:
+        record.source, record.priority = source.name, source.priority
+        record.refusal = "whitelist"
+        return Forbidden(not_whitelisted(ip, source.name))
+
     async def _send(
         self,
         request: web.Request,
@@ -293,6 +260,7 @@ class Proxy:
         tail = UsageTail() if slot is not None else None
         finished = False
         sent_end = b""  # the last bytes sent, to end a cut-off line before an error line
+        send_timeout = self.live.settings.server.send_timeout
         try:
             await response.prepare(request)
             content = upstream.content
@@ -306,7 +274,7 @@ class Proxy:
                     break
                 if tail is not None:
                     tail.feed(chunk)
-                await response.write(chunk)
+                await write_within(response, chunk, send_timeout, request.transport)
                 record.bytes_out += len(chunk)
                 sent_end = (sent_end + chunk)[-2:]
             finished = True
@@ -322,6 +290,9 @@ class Proxy:
             if self.stopping and response.prepared:
                 await self._end_for_shutdown(response, upstream, sent_end)
             raise
+        except SendTimeout:
+            record.error = f"client stopped reading for server.send_timeout ({send_timeout:g} s)"
+            return response
         except ConnectionError:
             record.hung_up = True  # the write failed: the client is gone
             record.error = "client hung up"

@@ -65,6 +65,10 @@ class ServerSettings:
     max_body: int = 64 * MiB  # bytes, JSON routes only; blobs stream unbounded
     header_timeout: float = 30.0  # seconds to send request headers (also keep-alive idle)
     body_timeout: float = 60.0  # seconds of silence while a request body is arriving
+    body_deadline: float = 120.0  # seconds a JSON body may take to arrive in total
+    max_body_memory: int = 512 * MiB  # bytes of JSON bodies held at once, all requests together
+    max_json_elements: int = 1_000_000  # values (objects, arrays, items) a JSON body may hold
+    send_timeout: float = 60.0  # seconds a client may stop reading a response before it is cut
     shutdown_grace: float = 30.0  # seconds in-flight streams may finish after SIGTERM
     # Host names (globs) the admin, dashboard, /metrics and model-management routes answer
     # to, besides IP literals, localhost, the machine's name and server.host (hostcheck.py).
@@ -259,11 +263,18 @@ def _server(s: Section) -> ServerSettings:
         max_body=s.size("max_body", d.max_body, min=1024),
         header_timeout=s.seconds("header_timeout", d.header_timeout, min=1),
         body_timeout=s.seconds("body_timeout", d.body_timeout, min=1),
+        body_deadline=s.seconds("body_deadline", d.body_deadline, min=1),
+        max_body_memory=s.size("max_body_memory", d.max_body_memory, min=1024),
+        max_json_elements=s.integer("max_json_elements", d.max_json_elements, min=1000),
+        send_timeout=s.seconds("send_timeout", d.send_timeout, min=0.1),
         shutdown_grace=s.seconds("shutdown_grace", d.shutdown_grace),
         allowed_hosts=tuple(
-            Glob.compile(h.lower().rstrip(".")) for h in s.strings("allowed_hosts", allow_empty=True)
+            Glob.compile(h.lower().rstrip("."))
+            for h in s.strings("allowed_hosts", allow_empty=True)
         ),
     )
+    if result.max_body_memory < result.max_body:
+        s.fail("max_body_memory", f"must be at least server.max_body ({result.max_body} bytes)")
     s.done()
     return result
 

@@ -154,9 +154,7 @@ async def test_model_management_needs_the_whitelist_by_default(
     """Even when the source does not require the whitelist, a stranger cannot delete models."""
     proxy = await make_proxy(OPEN_CONFIG)
     stranger = {"X-Forwarded-For": "203.0.113.9"}
-    async with proxy.session.request(
-        method, proxy.url + path, json=body, headers=stranger
-    ) as r:
+    async with proxy.session.request(method, proxy.url + path, json=body, headers=stranger) as r:
         assert r.status == 403
         assert "admin.manage_models" in (await r.json())["error"]
     assert proxy.fake.requests == []
