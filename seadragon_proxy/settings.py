@@ -256,15 +256,17 @@ def _server(s: Section) -> ServerSettings:
         proxies = NetworkSet.parse(s.strings("trusted_proxies", allow_empty=True))
     except ValueError as e:
         s.fail("trusted_proxies", str(e))
+    max_body = s.size("max_body", d.max_body, min=1024)
     result = ServerSettings(
         host=s.text("host", d.host),
         port=s.integer("port", d.port, min=0, max=65535),
         trusted_proxies=proxies,
-        max_body=s.size("max_body", d.max_body, min=1024),
+        max_body=max_body,
         header_timeout=s.seconds("header_timeout", d.header_timeout, min=1),
         body_timeout=s.seconds("body_timeout", d.body_timeout, min=1),
         body_deadline=s.seconds("body_deadline", d.body_deadline, min=1),
-        max_body_memory=s.size("max_body_memory", d.max_body_memory, min=1024),
+        # Unset, the ceiling grows with max_body: it must hold one body of that size.
+        max_body_memory=s.size("max_body_memory", max(d.max_body_memory, max_body), min=1024),
         max_json_elements=s.integer("max_json_elements", d.max_json_elements, min=1000),
         send_timeout=s.seconds("send_timeout", d.send_timeout, min=0.1),
         shutdown_grace=s.seconds("shutdown_grace", d.shutdown_grace),

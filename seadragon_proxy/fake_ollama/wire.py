@@ -18,8 +18,10 @@ INFERENCE = ("/api/generate", "/api/chat", "/api/embed", "/api/embeddings", "/v1
 
 
 def go_json(obj: object) -> bytes:
-    """JSON as Go's encoding/json writes it: compact, with <, >, &, U+2028/9 escaped."""
+    """JSON as Go's encoding/json writes it: compact, with <, >, &, U+2028/9 escaped, and
+    a lone surrogate (which Go's decoder never produces) as U+FFFD, as Go would have read it."""
     text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
     for raw, escaped in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026")):
         text = text.replace(raw, escaped)
     return text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029").encode()
