@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from seadragon_proxy.logs import configure_logging
-from seadragon_proxy.scheduler import Scheduler, Ticket
+from seadragon_proxy.scheduling import Scheduler, Ticket
 from seadragon_proxy.server import start_server
 from seadragon_proxy.settings import load_settings
 from seadragon_proxy.typedefs import SCHEDULER

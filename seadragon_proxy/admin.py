@@ -17,7 +17,7 @@ from .audit import audit_note
 from .exceptions import BadRequest, DatabaseError, Forbidden, NotFound, Unavailable
 from .history import History, parse_since, summarize, timeseries
 from .httputil import client_ip
-from .scheduler import Scheduler, Ticket
+from .scheduling import Scheduler, Ticket
 from .typedefs import HISTORY, LIVE, METRICS, SCHEDULER, UPSTREAM
 
 

@@ -26,7 +26,7 @@ from .middlewares import (
 )
 from .proxy import Proxy
 from .record import Recorder
-from .scheduler import Scheduler, Ticket
+from .scheduling import Scheduler, Ticket
 from .settings import Settings
 from .typedefs import HISTORY, LIVE, METRICS, PROXY, RECORDER, SCHEDULER, UPSTREAM
 from .upstream import Upstream

@@ -15,7 +15,7 @@ import structlog
 
 from .exceptions import ConfigError, DatabaseError
 from .netaddr import NetworkSet
-from .scheduler import Scheduler
+from .scheduling import Scheduler
 from .settings import Settings, load_settings
 from .whitelist import WhitelistStore
 

@@ -18,7 +18,7 @@ from prometheus_client.registry import Collector
 
 from .record import RequestRecord
 from .routes import INFERENCE_PATHS, JSON_PATHS
-from .scheduler import Scheduler
+from .scheduling import Scheduler
 
 KNOWN_ROUTES = INFERENCE_PATHS | JSON_PATHS | {
     "/", "/api/version", "/api/tags", "/api/ps", "/api/me", "/api/signout", "/v1/models",

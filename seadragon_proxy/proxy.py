@@ -37,7 +37,7 @@ from .payload import JsonBody
 from .policy import RequestFacts, Source
 from .record import Recorder, RequestRecord
 from .routes import Route, classify
-from .scheduler import Scheduler, Slot, Ticket
+from .scheduling import Scheduler, Slot, Ticket
 from .settings import Settings
 from .upstream import Health, Upstream, looped, request_headers, response_headers
 from .usage import UsageTail

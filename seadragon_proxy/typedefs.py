@@ -9,7 +9,7 @@ from .live import Live
 from .metrics import Metrics
 from .proxy import Proxy
 from .record import Recorder
-from .scheduler import Scheduler
+from .scheduling import Scheduler
 from .upstream import Upstream
 
 LIVE = web.AppKey("live", Live)

@@ -21,7 +21,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from .exceptions import UpstreamTimeout, UpstreamUnavailable
-from .scheduler import Scheduler
+from .scheduling import Scheduler
 from .settings import UpstreamSettings
 
 log = structlog.get_logger("seadragon.upstream")

@@ -23,7 +23,7 @@ from seadragon_proxy.fake_ollama import FakeOllama
 from seadragon_proxy.live import Live
 from seadragon_proxy.logs import configure_logging, stop_logging
 from seadragon_proxy.record import RequestRecord
-from seadragon_proxy.scheduler import Scheduler, Ticket
+from seadragon_proxy.scheduling import Scheduler, Ticket
 from seadragon_proxy.server import RunningServer, start_server
 from seadragon_proxy.settings import LogSettings, load_settings
 from seadragon_proxy.typedefs import LIVE, RECORDER, SCHEDULER

@@ -1,9 +1,9 @@
 """The priority queue in front of Ollama's slots: who goes next, woken exactly on their turn.
 
-A heap of ``[key, sequence, ticket]`` (lower key first, FIFO within a key) and
-``slots`` tokens. A finished request hands its slot straight to the best waiter
-by resolving that waiter's future: no polling, no worker hop. Cancelled waiters
-are removed lazily. No aiohttp here.
+One ``LevelQueue`` per priority (levels.py decides the order inside a level) and ``slots``
+tokens. Across levels the heads compare by ``(key, seq)``: strict priority, or aged
+priority with ``queue.aging``. A finished request hands its slot straight to the best
+waiter by resolving that waiter's future: no polling, no worker hop. No aiohttp here.
 """
 
 from __future__ import annotations
@@ -13,43 +13,10 @@ import heapq
 import itertools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from enum import Enum
 
-from .exceptions import QueueFull, QueueTimeout, RequestError
-
-
-class State(Enum):
-    NEW = "new"
-    QUEUED = "queued"
-    RUNNING = "running"
-    DONE = "done"  # finished, timed out, rejected or cancelled
-
-
-@dataclass(eq=False, slots=True)
-class Ticket:
-    """One request's place in line. The scheduler fills in everything after ``max_wait``."""
-
-    id: str
-    source: str
-    priority: int
-    path: str
-    model: str | None
-    client_ip: str
-    max_wait: float | None = None  # the source's own limit; None = queue.max_wait
-    state: State = State.NEW
-    seq: int = 0
-    enqueued_at: float = 0.0
-    started_at: float = 0.0
-    deadline: float = math.inf
-    wait_limit: float = 0.0  # the limit it queued under, for the message if it runs out
-    key: float = 0.0
-    _waiter: asyncio.Future[None] | None = field(default=None, repr=False)
-    _timer: asyncio.TimerHandle | None = field(default=None, repr=False)
-
-    def waited(self, now: float) -> float:
-        return (self.started_at if self.state is not State.QUEUED else now) - self.enqueued_at
-
+from ..exceptions import QueueFull, QueueTimeout, RequestError
+from .levels import FifoLevel, LevelQueue
+from .ticket import State, Ticket
 
 Listener = Callable[[str, Ticket], None]  # event is "queued", "started", "finished" or "dropped"
 
@@ -64,10 +31,11 @@ class Slot:
         self.ticket = ticket
         self._released = False
 
-    def release(self) -> None:
+    def release(self, tokens: float | None = None) -> None:
+        """``tokens``: what the request really cost (prompt + weighted output), if known."""
         if not self._released:
             self._released = True
-            self._scheduler._finish(self.ticket)
+            self._scheduler._finish(self.ticket, tokens)
 
     @property
     def released(self) -> bool:
@@ -96,7 +64,7 @@ class Scheduler:
         self._max_wait = max_wait
         self._aging = aging
         self._clock = clock
-        self._heap: list[tuple[float, int, Ticket]] = []
+        self._levels: dict[int, LevelQueue] = {}
         self._queued = 0
         self._running: dict[Ticket, None] = {}  # insertion-ordered set
         self._seq = itertools.count(1)
@@ -127,10 +95,9 @@ class Scheduler:
         return self._clock() if self._clock else asyncio.get_running_loop().time()
 
     def queued(self) -> list[Ticket]:
-        """Waiting tickets in dispatch order."""
-        live = [entry for entry in self._heap if entry[2].state is State.QUEUED]
-        live.sort(key=lambda entry: (entry[0], entry[1]))
-        return [entry[2] for entry in live]
+        """Waiting tickets in dispatch order (within a level, the level's own order)."""
+        lines = [list(level) for level in self._levels.values()]
+        return list(heapq.merge(*lines, key=lambda t: (t.key, t.seq)))
 
     def running(self) -> list[Ticket]:
         return list(self._running)
@@ -165,11 +132,9 @@ class Scheduler:
         self._max_wait = max_wait
         if aging != self._aging:
             self._aging = aging
-            entries = [e for e in self._heap if e[2].state is State.QUEUED]
-            for _, _, ticket in entries:
-                ticket.key = self._key(ticket)
-            self._heap = [(t.key, t.seq, t) for _, _, t in entries]
-            heapq.heapify(self._heap)
+            for level in self._levels.values():
+                for ticket in level:
+                    ticket.key = self._key(ticket)
 
     def _key(self, ticket: Ticket) -> float:
         if self._aging:
@@ -206,7 +171,7 @@ class Scheduler:
         waiter = loop.create_future()
         ticket._waiter = waiter
         ticket.state = State.QUEUED
-        heapq.heappush(self._heap, (ticket.key, ticket.seq, ticket))
+        self._level(ticket.priority).push(ticket)
         self._queued += 1
         if ticket.deadline != math.inf:
             ticket._timer = loop.call_at(ticket.deadline, self._expire, ticket)
@@ -231,11 +196,24 @@ class Scheduler:
         self._emit("started", ticket)
         return Slot(self, ticket)
 
+    def _level(self, priority: int) -> LevelQueue:
+        level = self._levels.get(priority)
+        if level is None:
+            level = self._levels[priority] = FifoLevel()
+        return level
+
+    def _best(self) -> Ticket | None:
+        best: Ticket | None = None
+        for level in self._levels.values():
+            head = level.head()
+            if head is not None and (best is None or (head.key, head.seq) < (best.key, best.seq)):
+                best = head
+        return best
+
     def _dispatch(self) -> None:
-        while self._heap and not self._paused and len(self._running) < self._slots:
-            ticket = heapq.heappop(self._heap)[2]
-            if ticket.state is not State.QUEUED:
-                continue  # lazily removed
+        while self._queued and not self._paused and len(self._running) < self._slots:
+            ticket = self._best()
+            assert ticket is not None
             waiter = ticket._waiter
             assert waiter is not None
             if waiter.done():
@@ -243,17 +221,21 @@ class Scheduler:
                 # run its clean-up yet: take it out of line here and pass over it.
                 self._drop(ticket)
                 continue
+            self._levels[ticket.priority].pop(ticket)
             self._queued -= 1
             self._cancel_timer(ticket)
             self._start(ticket, self.now())
             waiter.set_result(None)
             ticket._waiter = None
 
-    def _finish(self, ticket: Ticket) -> None:
+    def _finish(self, ticket: Ticket, tokens: float | None = None) -> None:
         if ticket.state is not State.RUNNING:
             return
         ticket.state = State.DONE
         del self._running[ticket]
+        level = self._levels.get(ticket.priority)
+        if level is not None:
+            level.finished(ticket, tokens)
         held = self.now() - ticket.started_at
         self._hold_ewma = held if not self._hold_ewma else 0.8 * self._hold_ewma + 0.2 * held
         self._emit("finished", ticket)
@@ -262,15 +244,13 @@ class Scheduler:
     def _drop(self, ticket: Ticket, error: RequestError | None = None) -> None:
         """Take a queued ticket out of line; fail its waiter with ``error`` if given."""
         ticket.state = State.DONE
+        self._levels[ticket.priority].discard(ticket)
         self._queued -= 1
         self._cancel_timer(ticket)
         waiter, ticket._waiter = ticket._waiter, None
         if error is not None and waiter is not None and not waiter.done():
             waiter.set_exception(error)
         self._emit("dropped", ticket)
-        if len(self._heap) > 64 and len(self._heap) > 2 * self._queued:
-            self._heap = [e for e in self._heap if e[2].state is State.QUEUED]
-            heapq.heapify(self._heap)
 
     def _expire(self, ticket: Ticket) -> None:
         ticket._timer = None
@@ -310,7 +290,6 @@ class Scheduler:
         waiting = self.queued()
         for ticket in waiting:
             self._drop(ticket, error())
-        self._heap = []
         return len(waiting)
 
     def close(self, error: Callable[[], RequestError]) -> int:

@@ -1,0 +1,45 @@
+"""One request's place in line."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class State(Enum):
+    NEW = "new"
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"  # finished, timed out, rejected or cancelled
+
+
+@dataclass(eq=False, slots=True)
+class Ticket:
+    """One request's place in line. The scheduler fills in everything after ``tenant``."""
+
+    id: str
+    source: str
+    priority: int
+    path: str
+    model: str | None
+    client_ip: str
+    max_wait: float | None = None  # the source's own limit; None = queue.max_wait
+    # Fair shares (a level's queue may use them): who the request counts for, that
+    # tenant's weight, and what it is expected to cost in tokens.
+    tenant: str | None = None
+    weight: float = 1.0
+    estimate: float = 0.0
+    state: State = State.NEW
+    seq: int = 0
+    enqueued_at: float = 0.0
+    started_at: float = 0.0
+    deadline: float = math.inf
+    wait_limit: float = 0.0  # the limit it queued under, for the message if it runs out
+    key: float = 0.0  # priority + enqueued_at / aging: lower is served first across levels
+    _waiter: asyncio.Future[None] | None = field(default=None, repr=False)
+    _timer: asyncio.TimerHandle | None = field(default=None, repr=False)
+
+    def waited(self, now: float) -> float:
+        return (self.started_at if self.state is not State.QUEUED else now) - self.enqueued_at
