@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import reprlib
 from collections.abc import Mapping
 from typing import Any, NoReturn
 
@@ -12,11 +13,33 @@ from .exceptions import ConfigError
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 
 
-def _describe(value: object) -> str:
+QUOTE = 60  # characters of the file an error message may quote
+
+# reprlib stops at a few items per level and two levels down, so describing a value costs
+# the same whether it is one string or an alias bomb that expands to millions of items.
+_repr = reprlib.Repr()
+_repr.maxlevel = 2
+_repr.maxlist = _repr.maxtuple = _repr.maxdict = _repr.maxset = 4
+_repr.maxstring = _repr.maxother = _repr.maxlong = QUOTE
+
+
+def clip(text: str, limit: int = QUOTE) -> str:
+    """``text`` cut to ``limit`` characters, ``...`` marking the cut."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def describe(value: object) -> str:
+    """A value from the file as an error message quotes it: at most ``QUOTE`` characters,
+    found in bounded work."""
     if value is None:
         return "nothing"
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return clip(_repr.repr(value))
+
+
+def kind(value: object) -> str:
+    """What a value is, without quoting it (for a file that may not be a config at all)."""
+    names = {str: "text", list: "a list", int: "a number", float: "a number", bool: "true/false"}
+    return names.get(type(value), type(value).__name__)
 
 
 class Section:
@@ -28,10 +51,12 @@ class Section:
         if raw is None:
             raw = {}
         if not isinstance(raw, Mapping):
-            self.fail(None, f"must be a mapping of keys to values, got {_describe(raw)}")
+            # The whole file quoted could be a secret the --config path led to by mistake.
+            got = kind(raw) if not key else describe(raw)
+            self.fail(None, f"must be a mapping of keys to values, got {got}")
         bad = [k for k in raw if not isinstance(k, str)]
         if bad:
-            self.fail(None, f"keys must be strings, got {_describe(bad[0])}")
+            self.fail(None, f"keys must be strings, got {describe(bad[0])}")
         self.raw: Mapping[str, Any] = raw
         self._read: set[str] = set()
 
@@ -66,7 +91,7 @@ class Section:
         if value is None:
             return default
         if not isinstance(value, str) or (nonempty and not value.strip()):
-            self.fail(name, f"must be a non-empty string, got {_describe(value)}")
+            self.fail(name, f"must be a non-empty string, got {describe(value)}")
         return value
 
     def flag(self, name: str, default: bool) -> bool:
@@ -74,7 +99,7 @@ class Section:
         if value is None:
             return default
         if not isinstance(value, bool):
-            self.fail(name, f"must be true or false, got {_describe(value)}")
+            self.fail(name, f"must be true or false, got {describe(value)}")
         return value
 
     def integer(
@@ -84,7 +109,7 @@ class Section:
         if value is None:
             return default
         if isinstance(value, bool) or not isinstance(value, int):
-            self.fail(name, f"must be a whole number, got {_describe(value)}")
+            self.fail(name, f"must be a whole number, got {describe(value)}")
         self._bounds(name, value, min, max)
         return value
 
@@ -97,7 +122,7 @@ class Section:
             or not isinstance(value, (int, float))
             or not math.isfinite(value)
         ):
-            self.fail(name, f"must be a number of seconds, got {_describe(value)}")
+            self.fail(name, f"must be a number of seconds, got {describe(value)}")
         self._bounds(name, value, min, None)
         return float(value)
 
@@ -107,13 +132,13 @@ class Section:
         if value is None:
             return default
         if isinstance(value, bool):
-            self.fail(name, f"must be a size such as 65536 or 64MiB, got {_describe(value)}")
+            self.fail(name, f"must be a size such as 65536 or 64MiB, got {describe(value)}")
         if isinstance(value, int):
             size = value
         else:
             found = _SIZE.match(str(value))
             if not found:
-                self.fail(name, f"must be a size such as 65536 or 64MiB, got {_describe(value)}")
+                self.fail(name, f"must be a size such as 65536 or 64MiB, got {describe(value)}")
             unit = (found.group(2) or "").lower().rstrip("b")  # "", "k", "ki", "m", "mi", ...
             base = 1024 if unit.endswith("i") else 1000
             scale = base ** ("kmgt".index(unit[0]) + 1) if unit else 1
@@ -126,7 +151,7 @@ class Section:
         if value is None:
             return default
         if value not in choices:
-            self.fail(name, f"must be one of {', '.join(choices)}; got {_describe(value)}")
+            self.fail(name, f"must be one of {', '.join(choices)}; got {describe(value)}")
         assert isinstance(value, str)
         return value
 
@@ -140,7 +165,7 @@ class Section:
             return default
         items = [value] if isinstance(value, str) else value
         if not isinstance(items, list) or not all(isinstance(i, str) and i for i in items):
-            self.fail(name, f"must be a string or a list of strings, got {_describe(value)}")
+            self.fail(name, f"must be a string or a list of strings, got {describe(value)}")
         if not items and not allow_empty:
             self.fail(name, "is an empty list; remove the key or list at least one value")
         return tuple(items)

@@ -36,7 +36,9 @@ class ConfigError(SeadragonError):
         self.file = file
         self.key = key
         self.problem = problem
-        where = f"{file}: {key}" if key else file
+        # A key is the file's own text: a key thousands of characters long is quoted cut.
+        shown = key if key is None or len(key) <= 120 else key[:117] + "..."
+        where = f"{file}: {shown}" if shown else file
         super().__init__(f"{where}: {problem}")
 
 

@@ -17,6 +17,11 @@ IPNetwork = IPv4Network | IPv6Network
 LOOPBACK = ("127.0.0.1", "::1")
 
 
+def _quote(text: str) -> str:
+    """``text`` as a message quotes it: at most 60 characters."""
+    return repr(text) if len(text) <= 60 else repr(text[:57]) + "..."
+
+
 def parse_address(text: str) -> IPAddress:
     """Parse one address; raise ``ValueError`` with a readable message if it is not one."""
     raw = text.strip()
@@ -26,7 +31,7 @@ def parse_address(text: str) -> IPAddress:
     try:
         address = ipaddress.ip_address(raw)
     except ValueError:
-        raise ValueError(f"{text!r} is not an IP address") from None
+        raise ValueError(f"{_quote(text)} is not an IP address") from None
     if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped
     return address
@@ -44,21 +49,25 @@ def parse_network(text: str) -> IPNetwork:
     addr_text, _, prefix_text = raw.partition("/")
     address = parse_address(addr_text)
     if not prefix_text.isdigit():
-        raise ValueError(f"{text!r} is not an IP network: the prefix length must be a number")
+        raise ValueError(f"{_quote(text)} is not an IP network: the prefix length must be a number")
     prefix = int(prefix_text)
     mapped = ":" in addr_text and isinstance(address, IPv4Address)
     if mapped:  # ::ffff:10.0.0.0/104 is 10.0.0.0/8
         if prefix < 96:
-            raise ValueError(f"{text!r} is not an IPv4-mapped network: the prefix must be ≥ 96")
+            raise ValueError(
+                f"{_quote(text)} is not an IPv4-mapped network: the prefix must be ≥ 96"
+            )
         prefix -= 96
     limit = 32 if isinstance(address, IPv4Address) else 128
     if prefix > limit:
-        raise ValueError(f"{text!r} is not an IP network: the prefix length is more than {limit}")
+        raise ValueError(
+            f"{_quote(text)} is not an IP network: the prefix length is more than {limit}"
+        )
     try:
         return ipaddress.ip_network(f"{address}/{prefix}", strict=True)
     except ValueError:
         wide = ipaddress.ip_network(f"{address}/{prefix}", strict=False)
-        raise ValueError(f"{text!r} has host bits set; did you mean {wide}?") from None
+        raise ValueError(f"{_quote(text)} has host bits set; did you mean {wide}?") from None
 
 
 def format_network(network: IPNetwork) -> str:
@@ -118,14 +127,14 @@ def parse_forwarded_hop(text: str) -> IPAddress:
     if raw.startswith("["):
         inside, sep, rest = raw[1:].partition("]")
         if not sep or (rest and not (rest[0] == ":" and rest[1:].isdigit())):
-            raise ValueError(f"{text!r} is not an address")
+            raise ValueError(f"{_quote(text)} is not an address")
         raw = inside
     elif raw.count(":") == 1:  # IPv4:port (a bare IPv6 address has at least two colons)
         raw, _, port = raw.partition(":")
         if not port.isdigit():
-            raise ValueError(f"{text!r} is not an address")
+            raise ValueError(f"{_quote(text)} is not an address")
     if not raw or "%" in raw:
-        raise ValueError(f"{text!r} is not an address")
+        raise ValueError(f"{_quote(text)} is not an address")
     return parse_address(raw)
 
 

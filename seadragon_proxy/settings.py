@@ -16,7 +16,7 @@ from typing import Literal
 import yaml
 from yarl import URL
 
-from .configfile import Section
+from .configfile import Section, clip, describe
 from .defaults import RequestDefaults
 from .exceptions import ConfigError
 from .netaddr import NetworkSet
@@ -177,19 +177,45 @@ def load_settings(path: Path, environ: os._Environ[str] | dict[str, str] | None 
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(file, None, f"cannot read the file: {e}") from e
     try:
+        _count_aliases(text, file)
         raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(e, "problem", None) or str(e)
-        raise ConfigError(file, None, f"{where}not valid YAML: {problem}") from e
+        raise ConfigError(file, None, f"{where}not valid YAML: {clip(problem, 120)}") from e
     if raw is None:
         raise ConfigError(file, None, "the file is empty")
     return parse_settings(raw, file=file, base=path.parent, environ=environ)
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """``yaml.safe_load`` that refuses a key given twice (pyyaml silently keeps the last)."""
+# A config file has no use for more than a few anchors; a file with thousands of alias uses
+# is an "alias bomb" (each level doubling the last), whose expansion — in a repr(), in a
+# loop over a list — freezes the process. Counting costs one pass of libyaml's parser.
+MAX_ALIASES = 100
+_SafeLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def _count_aliases(text: str, file: str) -> None:
+    """Refuse a file that uses more than ``MAX_ALIASES`` aliases (``*name``)."""
+    aliases = 0
+    for event in yaml.parse(text, Loader=_SafeLoader):
+        if isinstance(event, yaml.AliasEvent):
+            aliases += 1
+            if aliases > MAX_ALIASES:
+                mark = event.start_mark
+                where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+                raise ConfigError(
+                    file,
+                    None,
+                    f"{where}more than {MAX_ALIASES} YAML aliases (*name); "
+                    "a config needs few, write the values out instead",
+                )
+
+
+class _UniqueKeyLoader(_SafeLoader):  # type: ignore[valid-type,misc]
+    """``yaml.safe_load`` that refuses a key given twice (pyyaml silently keeps the last);
+    libyaml's parser when pyyaml has it, several times faster on a large file."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[object, object]:
         seen: set[object] = set()
@@ -199,10 +225,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 continue  # SafeLoader reports unhashable keys itself
             if key in seen:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                    None, None, f"duplicate key {describe(key)}", key_node.start_mark
                 )
             seen.add(key)
-        return super().construct_mapping(node, deep=deep)
+        mapping: dict[object, object] = super().construct_mapping(node, deep=deep)
+        return mapping
 
 
 def parse_settings(
@@ -240,10 +267,10 @@ def parse_upstream_url(text: str, file: str, key: str) -> URL:
     try:
         url = URL(text)
     except (ValueError, TypeError) as e:
-        raise ConfigError(file, key, f"is not a URL: {e}") from e
+        raise ConfigError(file, key, f"is not a URL: {clip(str(e))}") from e
     if url.scheme not in ("http", "https") or not url.host:
         raise ConfigError(
-            file, key, f"must be an http:// or https:// URL with a host, got {text!r}"
+            file, key, f"must be an http:// or https:// URL with a host, got {describe(text)}"
         )
     if url.query_string or url.fragment:
         raise ConfigError(file, key, "must not have a query string or fragment")

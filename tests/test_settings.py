@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -197,3 +198,85 @@ def test_broken_files(tmp_path: Path, text: str, problem: str | None) -> None:
 def test_missing_file_says_how_to_point_at_one(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"no such file.*SEADRAGON_CONFIG"):
         load_settings(tmp_path / "absent.yaml")
+
+
+def _alias_bomb(levels: int) -> str:
+    """The billion-laughs file: each anchor is a list of nine copies of the one before."""
+    lines = ["a0: &a0 [lol]"]
+    for i in range(1, levels + 1):
+        lines.append(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]")
+    # The bomb sits in a value that fails validation, whose message quotes it.
+    lines.append(f"server: {{port: *a{levels}}}")
+    lines.append("sources: [{name: all, priority: 1}]\ndefault_source: all")
+    return "\n".join(lines) + "\n"
+
+
+def test_a_yaml_alias_bomb_is_refused_by_counting_its_aliases(tmp_path: Path) -> None:
+    path = write(tmp_path, _alias_bomb(12))  # 9**12 items if expanded: it never is
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    assert str(caught.value).startswith(f"{path}: line ")
+    assert "more than 100 YAML aliases" in caught.value.problem
+    assert len(str(caught.value)) < 300
+
+
+def test_a_few_aliases_still_load(tmp_path: Path) -> None:
+    text = (
+        "sources:\n"
+        "  - {name: a, priority: 0, match: {user_agent: &ua ['*aider*']}}\n"
+        "  - {name: b, priority: 1, match: {user_agent: *ua, model: 'x*'}}\n"
+        "default_source: b\n"
+    )
+    settings = load_settings(write(tmp_path, text))
+    a, b = settings.policy.sources
+    assert a.match is not None and b.match is not None
+    assert a.match.user_agent == b.match.user_agent
+
+
+@pytest.mark.parametrize(
+    ("doc", "key", "filler"),
+    [
+        ({**MINIMAL, "server": {"port": "9" * 5000}}, "server.port", "9"),
+        ({**MINIMAL, "server": {"port": [["x" * 1000] * 1000] * 1000}}, "server.port", "x"),
+        ({**MINIMAL, "upstream": {"url": "ftp://" + "h" * 5000}}, "upstream.url", "h"),
+        ({**MINIMAL, "server": {"trusted_proxies": ["1" * 5000]}}, "server.trusted_proxies", "1"),
+        ({**MINIMAL, "default_source": "n" * 5000}, "default_source", "n"),
+        ({**MINIMAL, "server": {"k" * 5000: 1}}, "server." + "k" * 5000, "k"),
+    ],
+)
+def test_error_messages_quote_a_bounded_part_of_a_value(
+    tmp_path: Path, doc: dict[str, object], key: str, filler: str
+) -> None:
+    """Values are quoted up to 60 characters, keys up to 120, whatever their size."""
+    with pytest.raises(ConfigError) as caught:
+        parse_settings(doc, file="f.yaml", base=tmp_path)
+    assert caught.value.key == key
+    limit = 120 if filler == "k" else 60
+    assert filler * (limit + 1) not in str(caught.value)
+    assert filler * 20 in str(caught.value)  # still quoted: the reader sees what was wrong
+
+
+def test_a_file_that_is_not_a_mapping_is_not_quoted(tmp_path: Path) -> None:
+    """--config pointed at a token file by mistake must not print the token."""
+    secret = tmp_path / "token"
+    secret.write_text("sk-live-0123456789abcdef\n")
+    link = tmp_path / "seadragon.yaml"
+    link.symlink_to(secret)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(link)
+    assert "must be a mapping" in caught.value.problem
+    assert "sk-live" not in str(caught.value)
+
+
+def test_twenty_thousand_sources_load_in_linear_time(tmp_path: Path) -> None:
+    """The duplicate-name check is a set: 20 000 sources take about a second, not 17 s."""
+    lines = ["sources:"]
+    lines += [f"  - {{name: s{i}, priority: {i % 10}}}" for i in range(20_000)]
+    lines += ["  - {name: s19999, priority: 1}", "default_source: s0"]
+    path = write(tmp_path, "\n".join(lines) + "\n")
+    started = time.perf_counter()
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    assert time.perf_counter() - started < 8  # 1.1 s here; the quadratic check took 17 s
+    assert caught.value.key == "sources[20000].name"
+    assert "'s19999' is used by an earlier source" in caught.value.problem
