@@ -28,7 +28,17 @@ from .proxy import Proxy
 from .record import Recorder
 from .scheduling import Scheduler, Ticket
 from .settings import Settings
-from .typedefs import HISTORY, LIVE, METRICS, PROXY, RECORDER, SCHEDULER, UPSTREAM
+from .startcheck import StartCheck
+from .typedefs import (
+    HISTORY,
+    LIVE,
+    METRICS,
+    PROXY,
+    RECORDER,
+    SCHEDULER,
+    START_CHECK,
+    UPSTREAM,
+)
 from .upstream import Upstream
 from .watch import watch_files
 from .whitelist import WhitelistStore
@@ -73,8 +83,17 @@ def create_app(settings: Settings) -> web.Application:
     app[PROXY] = proxy
     app[METRICS] = metrics
     app[HISTORY] = history
+    app[START_CHECK] = StartCheck([settings.upstream.url], settings.upstream.connect_timeout)
     app.cleanup_ctx.extend(
-        [whitelist_ctx, history_ctx, upstream_ctx, watcher_ctx, scheduler_ctx, parser_ctx]
+        [
+            whitelist_ctx,
+            history_ctx,
+            upstream_ctx,
+            start_check_ctx,
+            watcher_ctx,
+            scheduler_ctx,
+            parser_ctx,
+        ]
     )
     app.on_response_prepare.append(answer_headers)
 
@@ -137,6 +156,14 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     await upstream.start()
     yield
     await upstream.close()
+
+
+async def start_check_ctx(app: web.Application) -> AsyncIterator[None]:
+    """A mistyped upstream address is a warning at start (startcheck.py)."""
+    check = app[START_CHECK]
+    check.start()
+    yield
+    await check.stop()
 
 
 async def watcher_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -10,6 +10,7 @@ from .metrics import Metrics
 from .proxy import Proxy
 from .record import Recorder
 from .scheduling import Scheduler
+from .startcheck import StartCheck
 from .upstream import Upstream
 
 LIVE = web.AppKey("live", Live)
@@ -18,4 +19,5 @@ UPSTREAM = web.AppKey("upstream", Upstream)
 RECORDER = web.AppKey("recorder", Recorder)
 PROXY = web.AppKey("proxy", Proxy)
 METRICS = web.AppKey("metrics", Metrics)
+START_CHECK = web.AppKey("start_check", StartCheck)
 HISTORY: web.AppKey[History | None] = web.AppKey("history")

@@ -26,7 +26,7 @@ from seadragon_proxy.record import RequestRecord
 from seadragon_proxy.scheduling import Scheduler, Ticket
 from seadragon_proxy.server import RunningServer, start_server
 from seadragon_proxy.settings import LogSettings, load_settings
-from seadragon_proxy.typedefs import LIVE, RECORDER, SCHEDULER
+from seadragon_proxy.typedefs import LIVE, RECORDER, SCHEDULER, START_CHECK
 
 MODEL = "llama3:70b"
 
@@ -232,6 +232,8 @@ async def make_proxy(fake: FakeOllama, tmp_path: Path) -> AsyncIterator[ProxyFac
         path = tmp_path / "seadragon.yaml"
         path.write_text(yaml.safe_dump(config))
         server = await start_server(load_settings(path))
+        # The start-up check's connection is over before a test stops the fake Ollama.
+        await server.app[START_CHECK].result()
         session = aiohttp.ClientSession()
         proxy = Proxy(server, fake, path, config, session, Watch(server.app[SCHEDULER]))
         server.app[LIVE].listeners.append(proxy.on_reload)
