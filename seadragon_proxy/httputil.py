@@ -1,12 +1,15 @@
-"""Small aiohttp helpers shared by the handlers: who the client is, request ids, error bodies."""
+"""Small aiohttp helpers shared by the handlers: who the client is, request ids, error bodies,
+upstream failures in words."""
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import re
 import secrets
 
+import aiohttp
 from aiohttp import web
 
 from .exceptions import RequestError
@@ -91,3 +94,20 @@ def error_response(error: RequestError, *, openai: bool) -> web.Response:
     if error.retry_after is not None:
         response.headers["Retry-After"] = str(error.retry_after)
     return response
+
+
+def broke_off_words(error: BaseException) -> str:
+    """How Ollama ended a stream early, in words: aiohttp's own text
+    (``TransferEncodingError: 400, message='Not enough data…'``) means nothing to a user."""
+    if isinstance(error, aiohttp.ClientOSError) and error.errno == errno.ECONNRESET:
+        how = "reset the connection"
+    elif isinstance(
+        error, (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
+    ):
+        how = "closed the connection"
+    else:
+        how = f"broke off ({type(error).__name__})"
+    return (
+        f"{how} before the answer was complete; it may have crashed, run out of memory "
+        "or been restarted (see Ollama's log)"
+    )

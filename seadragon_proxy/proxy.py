@@ -29,7 +29,7 @@ from .bodies import (
 )
 from .defaults import ROUTES as DEFAULT_ROUTES
 from .exceptions import Forbidden, LoopDetected, UpstreamTimeout, UpstreamUnavailable
-from .httputil import client_ip, client_label, not_whitelisted, request_id
+from .httputil import broke_off_words, client_ip, client_label, not_whitelisted, request_id
 from .live import Live
 from .logs import bind_request
 from .netaddr import IPAddress
@@ -335,7 +335,7 @@ class Proxy:
             )
             record.upstream_error = "timeout"
         else:
-            message = f"Ollama at {self.upstream.url} broke off the response: {error}"
+            message = f"Ollama at {self.upstream.url} {broke_off_words(error)}"
             record.upstream_error = "broke_off"
         record.error = message
         upstream.close()

@@ -102,7 +102,7 @@ async def test_upstream_hangup_mid_stream_becomes_one_error_line(
     with pytest.raises(ollama.ResponseError) as caught:
         async for _ in stream:
             pass
-    assert "broke off the response" in caught.value.error
+    assert "closed the connection before the answer was complete" in caught.value.error
 
 
 async def test_openai_streamed_chat(oai: openai.AsyncOpenAI) -> None:

@@ -145,7 +145,11 @@ async def test_upstream_failing_mid_stream_gives_one_error_line_then_the_end(pro
         lines = [json.loads(line) for line in (await r.read()).splitlines()]
     assert [line.get("response") for line in lines[:2]] == ["The", " sky"]
     assert len(lines) == 3 and set(lines[2]) == {"error"}
-    assert "broke off the response" in lines[2]["error"]
+    assert lines[2]["error"] == (
+        f"Ollama at {proxy.fake.url} closed the connection before the answer was complete; "
+        "it may have crashed, run out of memory or been restarted (see Ollama's log)"
+    )
+    assert "Not enough data" not in lines[2]["error"]
     assert not any(line.get("done") for line in lines)
     assert (await proxy.generate("next"))[0] == 200  # the slot came back
 
@@ -161,7 +165,10 @@ async def test_sse_stream_failure_is_an_sse_error_event(proxy: Proxy) -> None:
     ) as r:
         events = (await r.read()).split(b"\n\n")
     last = json.loads(events[-2].removeprefix(b"data: "))
-    assert last["error"]["type"] == "api_error" and "broke off" in last["error"]["message"]
+    assert (
+        last["error"]["type"] == "api_error"
+        and "before the answer was complete" in last["error"]["message"]
+    )
     assert b"data: [DONE]" not in events
 
 

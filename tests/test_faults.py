@@ -21,7 +21,11 @@ async def slot_comes_back(proxy: Proxy) -> None:
         ("fault:500", 500, lambda body: body == b"Internal Server Error"),
         ("fault:status:503", 503, lambda body: b"fake failure" in body),
         ("fault:error-line", 200, lambda body: b'"error"' in body.splitlines()[-1]),
-        ("fault:hangup", 200, lambda body: b"broke off the response" in body.splitlines()[-1]),
+        (
+            "fault:hangup",
+            200,
+            lambda body: b"before the answer was complete" in body.splitlines()[-1],
+        ),
     ],
 )
 async def test_each_fault_answers_and_frees_the_slot(

@@ -79,7 +79,7 @@ async def test_every_request_is_recorded_with_its_figures(make_proxy: ProxyFacto
         "127.0.0.1",
     )
     assert first["bytes"] > 0 and first["upstream_time"] > 0 and first["queue_wait"] >= 0
-    assert "broke off" in recorded[5]["error"]
+    assert "before the answer was complete" in recorded[5]["error"]
     assert recorded[6]["status"] == 403 and recorded[6]["client_ip"] == "203.0.113.5"
     assert recorded[7]["hung_up"] == 1
 
