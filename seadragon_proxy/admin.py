@@ -57,17 +57,18 @@ async def queue_view(request: web.Request) -> web.Response:
     scheduler = request.app[SCHEDULER]
     upstream = request.app[UPSTREAM]
     now = scheduler.now()
-    processing = []
+    running = []
     for ticket in scheduler.running():
         view = ticket_view(ticket, scheduler, now, waiting=False)
         view["running_time"] = round(now - ticket.started_at, 3)
-        processing.append(view)
+        running.append(view)
     return web.json_response(
         {
             "queue_length": scheduler.queue_length,
             "in_flight": scheduler.in_flight,
             "slots": scheduler.slots,
-            "processing": processing,
+            "processing": bool(running),  # a boolean, as the seed's admin panel reads it
+            "running": running,
             "entries": [ticket_view(t, scheduler, now) for t in scheduler.queued()],
             "upstream": {"url": str(upstream.url), "health": upstream.health.value},
         }

@@ -193,6 +193,10 @@ class Upstream:
                     if response.status != 200:
                         return None
                     doc = await response.json(content_type=None)
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError):
+            # What /health finds, the queue view shows: an unanswered probe is an outage.
+            self.report_unreachable()
+            return None
         except (aiohttp.ClientError, TimeoutError, ValueError):
             return None
         self.report_ok()

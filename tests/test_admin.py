@@ -31,8 +31,9 @@ async def test_queue_view_lists_entries_in_dispatch_order(proxy: Proxy) -> None:
         "127.0.0.1",
     )
     assert entry["wait_time"] >= 0
-    assert [p["source"] for p in view["processing"]] == ["scripts"]
-    assert view["processing"][0]["running_time"] >= 0
+    assert view["processing"] is True  # a boolean, as the seed's admin panel reads it
+    assert [p["source"] for p in view["running"]] == ["scripts"]
+    assert view["running"][0]["running_time"] >= 0
     gate.set()
     await asyncio.gather(blocker, *waiting)
 
@@ -48,7 +49,7 @@ async def test_queue_view_shows_effective_priority_when_aging(make_proxy: ProxyF
         view = await r.json()
     entry = view["entries"][0]
     assert entry["priority"] == 5 and entry["effective_priority"] <= 5
-    assert "effective_priority" not in view["processing"][0]  # aging only matters in line
+    assert "effective_priority" not in view["running"][0]  # aging only matters in line
     gate.set()
     await asyncio.gather(blocker, queued)
 
@@ -173,3 +174,31 @@ async def test_ollama_defaults_can_be_switched_off(make_proxy: ProxyFactory) -> 
         proxy.url + "/api/tags", headers={"Origin": "http://localhost:5173"}
     ) as r:
         assert r.status == 403
+
+
+async def test_an_idle_queue_view_says_not_processing(proxy: Proxy) -> None:
+    async with proxy.session.get(proxy.url + "/api/admin/queue") as r:
+        view = await r.json()
+    assert view["processing"] is False and view["running"] == [] and view["in_flight"] == 0
+
+
+async def test_queue_view_and_health_agree_that_ollama_is_down(make_proxy: ProxyFactory) -> None:
+    """Before any request found the outage, /health's probe did: the queue view says so too."""
+    proxy = await make_proxy(upstream=f"http://127.0.0.1:{free_port()}")
+    async with proxy.session.get(proxy.url + "/health") as r:
+        assert r.status == 503 and (await r.json())["status"] == "unhealthy"
+    async with proxy.session.get(proxy.url + "/api/admin/queue") as r:
+        assert (await r.json())["upstream"]["health"] == "down"
+
+
+async def test_queue_view_and_health_agree_that_ollama_is_back(proxy: Proxy) -> None:
+    await proxy.fake.stop()
+    async with proxy.session.get(proxy.url + "/health") as r:
+        assert r.status == 503
+    async with proxy.session.get(proxy.url + "/api/admin/queue") as r:
+        assert (await r.json())["upstream"]["health"] == "down"
+    await proxy.fake.start(port=proxy.fake.port)
+    async with proxy.session.get(proxy.url + "/health") as r:
+        assert r.status == 200
+    async with proxy.session.get(proxy.url + "/api/admin/queue") as r:
+        assert (await r.json())["upstream"]["health"] == "up"

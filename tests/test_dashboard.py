@@ -135,6 +135,44 @@ async def test_queue_and_processing_follow_the_proxy(proxy: Proxy, browser: Brow
     await expect(page.locator("#queue-count")).to_have_text("0")
 
 
+async def test_a_sources_colour_comes_from_its_name_on_every_load(
+    proxy: Proxy, browser: Browser
+) -> None:
+    """The swatch of a source is colours.js's colour for its name, on a first load and after
+    other sources were seen first (the colours used to be handed out in order of sighting)."""
+    gate = proxy.fake.gate("hold")
+    running = asyncio.create_task(proxy.generate("gate:hold", "scripts"))
+    await proxy.fake.wait_for(1)
+    waiting = asyncio.create_task(proxy.generate("queued behind", "chat"))
+    await proxy.watch.queued(1)
+    shown = []
+    for row_id in ("queue-row", "processing-row"):
+        dashboard = await open_dashboard(browser, proxy)
+        page = dashboard.page
+        swatch = page.get_by_test_id(row_id).locator(".swatch")
+        await expect(swatch).to_have_count(1)
+        name = "chat" if row_id == "queue-row" else "scripts"
+        colour = await swatch.evaluate("s => getComputedStyle(s).backgroundColor")
+        wanted = await page.evaluate(
+            """(name) => {
+                const probe = document.createElement("span");
+                probe.style.background = seadragonColour(name);
+                document.body.append(probe);
+                const colour = getComputedStyle(probe).backgroundColor;
+                probe.remove();
+                return colour;
+            }""",
+            name,
+        )
+        assert colour == wanted
+        shown.append(colour)
+        assert dashboard.console_errors == [] and dashboard.page_errors == []
+        await page.close()
+    assert shown[0] != shown[1]
+    gate.set()
+    assert [status for status, _ in await asyncio.gather(running, waiting)] == [200, 200]
+
+
 async def test_whitelist_add_and_remove_from_the_page(proxy: Proxy, browser: Browser) -> None:
     """Adding and removing an entry on the page changes who the running proxy serves."""
     dashboard = await open_dashboard(browser, proxy)

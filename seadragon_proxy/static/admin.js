@@ -11,10 +11,6 @@
   const CHART_MINUTES = 60;
   const CHART_STEP = 60;
   const ARM_MS = 5000; // a remove button stays armed this long after the first click
-  const PALETTE = [
-    "#2f6fb3", "#d9822b", "#2e9e6a", "#c2417a",
-    "#7b5cc4", "#1f9bb0", "#b89b1c", "#8c6d5a",
-  ];
   const SVG_NS = "http://www.w3.org/2000/svg";
 
   const $ = (id) => document.getElementById(id);
@@ -100,16 +96,10 @@
     return name === null || name === undefined || name === "" ? "(none)" : name;
   }
 
-  // -- colours per source (stable for the life of the page) ------------------------------------
+  // -- colours per source: derived from the name (colours.js), the same on every load -------
 
-  const colours = new Map();
   function sourceColour(name) {
-    const key = sourceLabel(name);
-    if (!colours.has(key)) {
-      const i = colours.size;
-      colours.set(key, i < PALETTE.length ? PALETTE[i] : `hsl(${(i * 67) % 360} 55% 50%)`);
-    }
-    return colours.get(key);
+    return globalThis.seadragonColour(sourceLabel(name));
   }
 
   function sourceTag(name) {
@@ -399,11 +389,11 @@
       : "seadragon-proxy";
 
     const running = $("processing-body");
-    if (!view.processing.length) {
+    if (!view.running.length) {
       placeholder(running, 7, "Nothing is running.");
       running.firstChild.dataset.testid = "processing-empty";
     } else {
-      running.replaceChildren(...view.processing.map((entry) => el(
+      running.replaceChildren(...view.running.map((entry) => el(
         "tr", { dataset: { testid: "processing-row", id: entry.id, source: sourceLabel(entry.source) }, title: `request ${entry.id}` },
         [...entryCells(entry), cell("waited", fmtDuration(entry.wait_time), "num"), tickingCell("running", entry.running_time)],
       )));
@@ -622,7 +612,6 @@
       : "Requests per minute";
 
     const names = Object.keys(series).sort((a, b) => sourceLabel(a).localeCompare(sourceLabel(b)));
-    names.forEach(sourceColour); // assign colours in name order the first time they are seen
     const totals = new Map(names.map((n) => [n, series[n].reduce((sum, p) => sum + (p.requests || 0), 0)]));
     const ordered = [...names].sort((a, b) => totals.get(b) - totals.get(a) || sourceLabel(a).localeCompare(sourceLabel(b)));
 
