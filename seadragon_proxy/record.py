@@ -32,7 +32,7 @@ class RequestRecord:
     usage: Usage | None = None
     hung_up: bool = False
     error: str | None = None
-    refusal: str | None = None  # "whitelist" or "origin": what refused it
+    refusal: str | None = None  # whitelist, origin, host, manage_models: what refused it
     user_agent: str | None = None
     upstream_error: str | None = None  # unreachable, timeout, broke_off, status_5xx
     pinned: str | None = None  # "num_ctx 32768->8192": what a defaults `force:` replaced
@@ -50,9 +50,11 @@ class RequestRecord:
             "bytes": self.bytes_out,
             "upstream_time": round(self.upstream_time, 4),
         }
+        if self.refusal:
+            out["refusal"] = self.refusal
         if self.pinned:
             out["pinned"] = self.pinned
-        if self.queued:
+        if self.queued:  # the real wait, whether it ended in a turn, a 503 or a hang-up
             out["queue_wait"] = round(self.queue_wait, 4)
         if self.usage is not None:
             out["eval_count"] = self.usage.eval_count

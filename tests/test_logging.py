@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 
 import pytest
 import structlog
@@ -11,7 +12,7 @@ from structlog.testing import capture_logs
 
 from seadragon_proxy.logs import redact_secrets
 
-from .conftest import MODEL, JsonLog, Proxy, ProxyFactory
+from .conftest import BASE_CONFIG, MODEL, JsonLog, Proxy, ProxyFactory
 
 
 def request_lines(logs: list[dict[str, object]]) -> list[dict[str, object]]:
@@ -61,9 +62,41 @@ async def test_refusals_and_hangups_are_logged(proxy: Proxy) -> None:
             proxy.url + "/api/tags", headers={"X-Forwarded-For": "203.0.113.1"}
         ) as r:
             assert r.status == 403
-    bad, refused = request_lines(logs)
-    assert bad["status"] == 400 and "invalid JSON" in str(bad["error"])
+        async with proxy.session.get(
+            proxy.url + "/api/tags", headers={"Origin": "https://evil.example"}
+        ) as r:
+            assert r.status == 403
+    bad, refused, origin = request_lines(logs)
+    assert bad["status"] == 400 and "invalid JSON" in str(bad["error"]) and "refusal" not in bad
     assert refused["status"] == 403 and refused["source"] == "direct_api"
+    assert refused["refusal"] == "whitelist"
+    assert origin["status"] == 403 and origin["refusal"] == "origin"
+
+
+async def test_a_request_that_never_got_a_turn_logs_its_real_wait(
+    make_proxy: ProxyFactory,
+) -> None:
+    """Timed out in the queue or gone while queued: queue_wait is how long it waited."""
+    sources = copy.deepcopy(BASE_CONFIG["sources"])
+    sources[1]["max_wait"] = 0.2  # chat gives up after 0.2 s; scripts waits without limit
+    proxy = await make_proxy({"sources": sources})
+    gate = proxy.fake.gate("block")
+    blocker = asyncio.create_task(proxy.generate("gate:block", "coding"))
+    await proxy.fake.wait_for(1)
+    with capture_logs() as logs:
+        leaving = asyncio.create_task(proxy.generate("leaves", "scripts"))
+        await proxy.watch.queued(1)
+        status, _ = await proxy.generate("gives up", "chat")
+        assert status == 503
+        leaving.cancel()
+        await proxy.records(2)
+    timed_out, left = request_lines(logs)
+    assert timed_out["status"] == 503 and timed_out["source"] == "chat"
+    assert left["hung_up"] is True and left["source"] == "scripts"
+    for line in (timed_out, left):
+        assert isinstance(line["queue_wait"], float) and line["queue_wait"] >= 0.2
+    gate.set()
+    await blocker
 
 
 async def test_tokens_never_reach_the_log(
