@@ -280,3 +280,28 @@ def test_twenty_thousand_sources_load_in_linear_time(tmp_path: Path) -> None:
     assert time.perf_counter() - started < 8  # 1.1 s here; the quadratic check took 17 s
     assert caught.value.key == "sources[20000].name"
     assert "'s19999' is used by an earlier source" in caught.value.problem
+
+
+def test_every_settings_key_is_in_the_configuration_reference() -> None:
+    """docs/configuration.md has a table row for every key the file can set."""
+    from dataclasses import fields
+
+    from seadragon_proxy import settings as s
+
+    reference = (ROOT / "docs" / "configuration.md").read_text()
+    sections = {
+        "server": s.ServerSettings,
+        "upstream": s.UpstreamSettings,
+        "queue": s.QueueSettings,
+        "whitelist": s.WhitelistSettings,
+        "admin": s.AdminSettings,
+        "cors": s.CorsSettings,
+        "log": s.LogSettings,
+        "history": s.HistorySettings,
+    }
+    from_environment = {"token", "metrics_token"}  # read from the variables the file names
+    for section, kind in sections.items():
+        part = reference.split(f"## `{section}`", 1)[1].split("\n## ", 1)[0]
+        for field in fields(kind):
+            if field.name not in from_environment:
+                assert f"| `{field.name}` |" in part, f"{section}.{field.name}"
