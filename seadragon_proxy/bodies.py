@@ -222,6 +222,7 @@ class JsonParser:
 
     def __init__(self) -> None:
         self._pool: ProcessPoolExecutor | None = None
+        self._starting: asyncio.Task[object] | None = None
 
     def __repr__(self) -> str:
         return f"<JsonParser worker={'running' if self._pool else 'idle'}>"
@@ -248,9 +249,15 @@ class JsonParser:
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         if self._pool is None:
-            self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-        pool = self._pool
+            pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+            self._pool = pool
+            # The first submit starts the process (4-10 ms of spawning in the calling
+            # thread): do it from a thread, so the loop goes on serving other streams.
+            self._starting = asyncio.create_task(asyncio.to_thread(pool.submit, _ready))
+        pool, starting = self._pool, self._starting
+        assert starting is not None
         try:
+            await asyncio.shield(starting)
             return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
         except BrokenProcessPool:
             log.error("json_worker_died", effect="a new worker starts with the next big body")
@@ -263,6 +270,10 @@ class JsonParser:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+
+
+def _ready() -> None:
+    """Nothing: the first task of a new worker, submitted to start its process."""
 
 
 # -- sending ------------------------------------------------------------------------------

@@ -318,7 +318,9 @@ async def test_a_body_of_millions_of_objects_does_not_stall_another_stream(
     gap = stream.max_gap(since, until)
     await stream.stop()
     assert answer[0] == status and message in answer[1]
-    assert gap < 0.5, f"another client's stream stalled {gap:.3f} s"
+    # 10-80 ms on a loaded 2-core machine (0.2-0.7 s before the worker was started off the
+    # loop and the fake stopped holding the loop between lines); most of it is scheduling.
+    assert gap < 0.2, f"another client's stream stalled {gap:.3f} s"
 
 
 # -- 5. a string no database can store --------------------------------------------------------

@@ -212,6 +212,10 @@ class FakeCore:
                     request.transport.abort()
                     return response
             await response.write(line)
+            # A write that fits the socket buffer does not yield; without this a long
+            # stream would hold the event loop it shares with the proxy in tests for as
+            # long as the kernel takes bytes (0.4 s at a time), which no real Ollama does.
+            await asyncio.sleep(0)
         await response.write_eof()
         return response
 
