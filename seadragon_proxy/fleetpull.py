@@ -147,8 +147,7 @@ async def _one(
         )
     except aiohttp.ClientError as e:
         merge.failures.append(ServerFailed(server.name, f"unreachable: {e}"))
-    finally:
-        await lines.put((server.name, _DONE))
+    await lines.put((server.name, _DONE))  # not when cancelled: nobody reads any more
 
 
 def _error_text(raw: bytes, status: int) -> str:
