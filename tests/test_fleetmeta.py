@@ -73,7 +73,9 @@ async def mounted(
 
         app = web.Application(middlewares=[error_middleware])
         app.router.add_route("*", "/{tail:.*}", handle)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+        runner = web.AppRunner(
+            app, handler_cancellation=True, access_log=None, shutdown_timeout=0.5
+        )
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
@@ -289,3 +291,17 @@ async def test_answers_are_bounded_in_size_and_time() -> None:
         stuck.set()
         await big.stop()
         await runner.cleanup()
+
+
+async def test_client_hanging_up_mid_pull_stops_every_server_pull(fleet: Fleet) -> None:
+    body = {"model": SMALL, "prompt": "gate-mid:held"}  # each fake streams two lines, then waits
+    async with aiohttp.ClientSession() as s, s.post(fleet.url + "/api/pull", json=body) as r:
+        first = json.loads(await r.content.readline())
+        assert first == {"status": "pulling manifest"}
+        await fleet.fakes["a"].wait_until(lambda: fleet.pulls("a") == 1)
+        await fleet.fakes["b"].wait_until(lambda: fleet.pulls("b") == 1)
+        r.close()  # the client goes away mid-pull
+    for name in ("a", "b"):
+        fake = fleet.fakes[name]
+        [seen] = [x for x in fake.requests if x.path == "/api/pull"]
+        await fake.wait_until(lambda seen=seen: seen.cancelled)
