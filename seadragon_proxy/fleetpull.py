@@ -29,7 +29,6 @@ _DONE = object()  # a server's stream has ended (its outcome is in Merge.failure
 class Merge:
     """The merged view of the pulls so far."""
 
-    servers: int
     said: set[str] = field(default_factory=set)
     layers: dict[str, dict[str, tuple[int, int]]] = field(default_factory=dict)
     failures: list[ServerFailed] = field(default_factory=list)
@@ -63,7 +62,7 @@ async def pull(
     assert doc is not None  # fleet_metadata read it
     if model is None:
         return json_answer({"error": "model is required"}, 400)  # Ollama's own words
-    merge = Merge(len(servers))
+    merge = Merge()
     lines: asyncio.Queue[tuple[str, object]] = asyncio.Queue(maxsize=64)
     upstream_doc = doc | {"stream": True}  # progress is read from every server
     tasks = [

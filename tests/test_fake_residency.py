@@ -19,6 +19,8 @@ import pytest
 from seadragon_proxy.fake_ollama import FakeOllama
 from seadragon_proxy.fake_ollama.residency import Residency, parse_keep_alive
 
+from .conftest import free_port
+
 BIG, SMALL = "llama3:70b", "llama3.2:1b"
 
 
@@ -215,3 +217,37 @@ def test_bad_settings_are_refused() -> None:
         timeout=60,
     )
     assert run.returncode == 2 and "expected MODEL=SECONDS" in run.stderr
+
+
+async def test_cli_flags_turn_the_residency_on() -> None:
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "seadragon_proxy.fake_ollama",
+        "--port",
+        str(port),
+        "--residency",
+        "--max-loaded-models",
+        "1",
+        "--load-cost",
+        f"{BIG}=0.05",
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert process.stdout is not None
+        async with asyncio.timeout(30):
+            line = await process.stdout.readline()
+        assert f"listening on http://127.0.0.1:{port}" in line.decode()
+        url = f"http://127.0.0.1:{port}"
+        async with aiohttp.ClientSession() as s:
+            body = {"model": BIG, "prompt": "hi", "stream": False}
+            async with s.post(url + "/api/generate", json=body) as r:
+                assert (await r.json())["load_duration"] >= 50_000_000
+            async with s.post(url + "/api/generate", json=body | {"model": SMALL}) as r:
+                assert (await r.json())["load_duration"] < 50_000_000
+            async with s.get(url + "/api/ps") as r:
+                assert [m["name"] for m in (await r.json())["models"]] == [SMALL]
+    finally:
+        process.terminate()
+        await process.wait()
