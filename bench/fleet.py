@@ -26,6 +26,8 @@ A, B = "llama3:70b", "llama3.2:1b"
 LOAD = 0.6  # seconds to load a model, as the scenarios have it
 JOB = 0.1  # seconds of work per request
 NEEDS_FLEET = "needs the fleet"
+# Reorder within a level only (batch and coding are different levels), defer at most 30 s.
+AFFINITY: dict[str, float] = {"window": 0, "max_defer": 30, "min_residency": 0}
 
 
 async def start_resident(

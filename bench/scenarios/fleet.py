@@ -2,10 +2,11 @@
 
 Two fakes with residency (one model each at a time, one slot, load 0.6 s, job 0.1 s). 24
 batch requests, the models in pairs (A A B B ...), are sent at once. Fronts: the proxy with
-both servers under `upstreams:` (skipped with a note where this build refuses it), and
-nginx round robin over the same two fakes (Debian's nginx, started here; skipped with a
-note when it is not installed: scripts/ensure-nginx). Round robin sends each server both
-models in turn, so every job reloads; the fleet can keep one model per server: 2 loads.
+both servers under `upstreams:` and `queue.affinity` as in scenario 7 (skipped with a note
+where this build refuses it), and nginx round robin over the same two fakes (Debian's
+nginx, started here; skipped with a note when it is not installed: scripts/ensure-nginx).
+Round robin sends each server both models in turn, so every job reloads; the fleet can keep
+one model per server: 2 loads.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from .. import client
 from ..children import Child
 from ..context import Bench
 from ..fleet import (
+    AFFINITY,
     A,
     B,
     Sent,
@@ -45,7 +47,7 @@ async def measure(workdir: Path, front: str) -> dict[str, float] | None:
     urls = [f"http://127.0.0.1:{p}" for p in ports_of(resident)]
     try:
         if front == "proxy":
-            config = fleet_config(workdir, urls)
+            config = fleet_config(workdir, urls, affinity=AFFINITY)
             if (why := await refusal(workdir, "check-fleet", config)) is not None:
                 skipped("8", front, why)
                 return None

@@ -18,6 +18,7 @@ from .. import client
 from ..children import Child
 from ..context import Bench
 from ..fleet import (
+    AFFINITY,
     A,
     B,
     Sent,
@@ -36,7 +37,6 @@ from ..report import Row
 NAME = "7 fewer swaps"
 BATCH, CODING = 24, 4
 TIMEOUT = 60.0
-AFFINITY: dict[str, float] = {"window": 0, "max_defer": 30, "min_residency": 0}
 
 
 async def measure(workdir: Path, front: str) -> dict[str, float] | None:
