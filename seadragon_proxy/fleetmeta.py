@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
+from yarl import URL
 
 from .exceptions import BadRequest, NotFound, RequestError, UpstreamTimeout, UpstreamUnavailable
 from .routes import BLOBS_PREFIX, canonical_path
@@ -34,7 +35,7 @@ class FleetServer(Protocol):
     @property
     def name(self) -> str: ...
     @property
-    def url(self) -> str: ...
+    def url(self) -> str | URL: ...  # a base path, if any, is kept: ``<url>/api/tags``
     @property
     def healthy(self) -> bool: ...
     def allows(self, model: str) -> bool: ...
@@ -107,6 +108,11 @@ _ROUTES = frozenset(
     | {("POST", p) for p in ONE_SERVER - {"/api/delete"}}
     | {("DELETE", "/api/delete")}
 )
+
+
+def endpoint(server: FleetServer, path: str) -> str:
+    """``path`` on ``server`` (its URL may be a str or a yarl URL, with a base path)."""
+    return str(server.url).rstrip("/") + path
 
 
 def _named(request: web.Request, servers: Sequence[FleetServer]) -> FleetServer | None:
@@ -204,7 +210,7 @@ class Fleet:
             headers["Content-Type"] = "application/json"
         try:
             async with self.session.request(
-                method, server.url + path, data=data, headers=headers, timeout=timeout
+                method, endpoint(server, path), data=data, headers=headers, timeout=timeout
             ) as r:
                 raw = await r.content.read(self.limits.max_answer + 1)
                 if len(raw) > self.limits.max_answer:
@@ -299,7 +305,8 @@ class Fleet:
         timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=self.limits.connect, sock_read=self.limits.idle
         )
-        url = server.url + path + (f"?{request.query_string}" if request.query_string else "")
+        url = endpoint(server, path)
+        url += f"?{request.query_string}" if request.query_string else ""
         response: web.StreamResponse | None = None
         try:
             async with self.session.request(

@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from .fleetmeta import SERVER_HEADER, Fleet, FleetServer, ServerFailed, json_answer
+from .fleetmeta import SERVER_HEADER, Fleet, FleetServer, ServerFailed, endpoint, json_answer
 
 NDJSON = "application/x-ndjson"
 _DONE = object()  # a server's stream has ended (its outcome is in Merge.failures)
@@ -111,7 +111,7 @@ async def _one(
     succeeded = False
     try:
         async with fleet.session.post(
-            server.url + "/api/pull",
+            endpoint(server, "/api/pull"),
             data=json.dumps(doc).encode(),
             headers=headers,
             timeout=timeout,

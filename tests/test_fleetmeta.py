@@ -14,6 +14,7 @@ import aiohttp
 import ollama
 import pytest
 from aiohttp import web
+from yarl import URL
 
 from seadragon_proxy.fake_ollama import FakeOllama
 from seadragon_proxy.fleetmeta import SERVER_HEADER, Limits, fleet_metadata
@@ -27,7 +28,7 @@ BIG, SMALL, CODER = "llama3:70b", "llama3.2:1b", "qwen2.5-coder:7b"
 @dataclass
 class Server:
     name: str
-    url: str
+    url: str | URL
     healthy: bool = True
     models: list[str] = field(default_factory=lambda: ["*"])
 
@@ -97,8 +98,8 @@ async def fleet() -> AsyncIterator[Fleet]:
     for fake in fakes.values():
         await fake.start()
     servers = [
-        Server("a", fakes["a"].url),
-        Server("b", fakes["b"].url, models=["qwen2.5-coder:*", SMALL]),
+        Server("a", fakes["a"].url + "/"),  # a trailing slash, as a config may have it
+        Server("b", URL(fakes["b"].url), models=["qwen2.5-coder:*", SMALL]),  # as the fleet's
         Server("c", fakes["c"].url, healthy=False),
     ]
     try:
