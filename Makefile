@@ -32,7 +32,8 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-bench: install
+bench: install  ## nginx (Debian's) for the fleet scenarios' round-robin column, if it can be had
+	-./scripts/ensure-nginx
 	$(BIN)/python -m bench
 
 soak: install  ## the heavy tests at full size (10 000 queued requests), printing the figures

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 Compare = Literal["ratio", "diff", ""]
-COLUMNS = ("direct", "proxy", "haproxy")
+COLUMNS = ("direct", "proxy", "haproxy", "affinity", "nginx")  # the last two: scenarios 7-8
 DECIMALS = {"ms": 3, "s": 2, "MB/s": 1, "MB": 1, "KB": 1, "%": 1, "jobs": 1, "count": 0, "µs": 0}
 
 

@@ -1,5 +1,6 @@
-"""The six scenarios; each is ``async def run(bench) -> list[Row]`` and measures every
-target in turn (or interleaved, where drift on a noisy machine would bias the comparison)."""
+"""The scenarios; each is ``async def run(bench) -> list[Row]`` and measures every target
+in turn (or interleaved, where drift on a noisy machine would bias the comparison).
+7-9 are the fleet's: they start fakes with residency (and nginx, a fleet proxy) of their own."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from collections.abc import Awaitable, Callable
 
 from ..context import Bench
 from ..report import Row
-from . import handoff, latency, priority, scale, throughput
+from . import dispatch, fleet, handoff, latency, priority, scale, swaps, throughput
 
 Scenario = Callable[[Bench], Awaitable[list[Row]]]
 
@@ -19,4 +20,7 @@ SCENARIOS: dict[str, tuple[str, Scenario, float]] = {
     "4": ("streaming throughput", throughput.run, 60),
     "5": ("queue scale", scale.run, 150),
     "6": ("priority under load", priority.run, 60),
+    "7": ("fewer model swaps", swaps.run, 120),
+    "8": ("fleet against round robin", fleet.run, 90),
+    "9": ("fleet dispatch cost", dispatch.run, 150),
 }

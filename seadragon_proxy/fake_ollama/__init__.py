@@ -16,12 +16,15 @@ proxy without a GPU. Tests steer it through the prompt (or last message):
 ``options.num_predict`` sets how many tokens a generation streams (default 5).
 ``parallel=N`` makes inference requests take turns N at a time inside the fake, as
 Ollama's ``OLLAMA_NUM_PARALLEL`` does: the baseline a direct client sees.
+``residency=Residency(...)`` (``residency.py``) loads, evicts and schedules models as
+Ollama's ``server/sched.go`` does; ``fake.residency.loads`` counts the loads.
 Every request is recorded in ``fake.requests``; ``await fake.wait_for(n)`` waits until
 n inference requests have arrived, without sleeping.
 """
 
 from .core import SEEN, Seen
 from .fake import FakeOllama
+from .residency import Residency
 from .wire import INFERENCE, MODELS, RUNNER_ERROR, VERSION, go_json
 
 __all__ = [
@@ -31,6 +34,7 @@ __all__ = [
     "SEEN",
     "VERSION",
     "FakeOllama",
+    "Residency",
     "Seen",
     "go_json",
 ]

@@ -7,6 +7,17 @@ import asyncio
 import contextlib
 
 from .fake import FakeOllama
+from .residency import Residency
+
+
+def _load_cost(text: str) -> tuple[str, float]:
+    model, sep, seconds = text.rpartition("=")
+    if not sep or not model:
+        raise argparse.ArgumentTypeError(f"expected MODEL=SECONDS, got {text!r}")
+    try:
+        return model, float(seconds)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {seconds!r}") from None
 
 
 def main() -> None:
@@ -14,10 +25,38 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=11434)
     parser.add_argument("--tokens", type=int, default=20, help="tokens per generation")
+    group = parser.add_argument_group(
+        "residency", "models load, evict and take turns as in Ollama's scheduler (opt-in)"
+    )
+    group.add_argument("--residency", action="store_true", help="turn the residency on")
+    group.add_argument("--max-loaded-models", type=int, default=1, metavar="N")
+    group.add_argument("--num-parallel", type=int, default=1, metavar="N")
+    group.add_argument(
+        "--load-cost",
+        type=_load_cost,
+        action="append",
+        default=[],
+        metavar="MODEL=SECONDS",
+        help="seconds to load MODEL (repeatable)",
+    )
+    group.add_argument("--default-load", type=float, default=0.0, metavar="SECONDS")
+    group.add_argument("--job", type=float, default=0.0, metavar="SECONDS", help="work per request")
     args = parser.parse_args()
+    residency = None
+    if args.residency:
+        try:
+            residency = Residency(
+                max_loaded_models=args.max_loaded_models,
+                num_parallel=args.num_parallel,
+                load_cost=dict(args.load_cost),
+                default_load=args.default_load,
+                job=args.job,
+            )
+        except ValueError as e:
+            parser.error(str(e))
 
     async def run() -> None:
-        fake = FakeOllama(tokens=args.tokens)
+        fake = FakeOllama(tokens=args.tokens, residency=residency)
         await fake.start(args.port, args.host)
         print(f"fake Ollama listening on http://{args.host}:{fake.port}", flush=True)
         await asyncio.Event().wait()

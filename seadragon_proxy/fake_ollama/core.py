@@ -14,6 +14,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from .residency import BadKeepAlive, Residency, parse_keep_alive
 from .wire import INFERENCE, MODELS, RUNNER_ERROR, _Abort, error, go_json, now_iso
 
 
@@ -46,6 +47,7 @@ class FakeCore:
 
     tokens: int = 5
     parallel: int | None = None
+    residency: Residency | None = None  # opt-in: models load, evict and take turns (sched.go)
     models: list[str] = field(default_factory=lambda: list(MODELS))
     blobs: set[str] = field(default_factory=set)
     requests: list[Seen] = field(default_factory=list)
@@ -59,6 +61,19 @@ class FakeCore:
 
     def app(self) -> web.Application:
         raise NotImplementedError  # FakeOllama puts the routes together
+
+    def __post_init__(self) -> None:
+        if self.residency is not None:
+            self.residency.on_change = self._notify
+
+    def _keep_alive(self, doc: dict[str, Any]) -> float | str | None:
+        """The request's ``keep_alive`` in seconds (None: forever; "default": none given)."""
+        if doc.get("keep_alive") is None:
+            return "default"
+        try:
+            return parse_keep_alive(doc["keep_alive"])
+        except BadKeepAlive as e:
+            raise _Abort(error(str(e), 400)) from None
 
     def gate(self, name: str) -> asyncio.Event:
         return self._gates.setdefault(name, asyncio.Event())
@@ -224,7 +239,9 @@ class FakeCore:
         wanted = options.get("num_predict") if isinstance(options, dict) else doc.get("max_tokens")
         return max(0, wanted) if isinstance(wanted, int) else self.tokens
 
-    def _final(self, model: str, count: int, *, chat: bool) -> dict[str, Any]:
+    def _final(
+        self, model: str, count: int, *, chat: bool, load_ns: int = 1_000_000
+    ) -> dict[str, Any]:
         """The last object of a generation, fields in Ollama's order."""
         out: dict[str, Any] = {"model": model, "created_at": now_iso()}
         if chat:
@@ -236,8 +253,8 @@ class FakeCore:
             | {
                 "done": True,
                 "done_reason": "stop" if count < 4096 else "length",
-                "total_duration": 1_500_000 + count * 20_000_000,
-                "load_duration": 1_000_000,
+                "total_duration": 500_000 + load_ns + count * 20_000_000,
+                "load_duration": load_ns,
                 "prompt_eval_count": 12,
                 "prompt_eval_duration": 500_000,
                 "eval_count": count,

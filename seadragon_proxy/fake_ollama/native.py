@@ -35,6 +35,8 @@ class NativeRoutes(FakeCore):
         return json_response({"models": models})
 
     async def ps(self, request: web.Request) -> web.Response:
+        if self.residency is not None:
+            return json_response({"models": self._resident()})
         models = [
             {
                 "name": m,
@@ -49,6 +51,27 @@ class NativeRoutes(FakeCore):
             for m in self.models[:1]
         ]
         return json_response({"models": models})
+
+    def _resident(self) -> list[dict[str, Any]]:
+        """What the residency has loaded, as Ollama's PsHandler lists it (latest expiry first)."""
+        assert self.residency is not None
+        models = []
+        for runner in self.residency.loaded.values():
+            m = runner.model
+            size = 42_520_413_916 if "70b" in m else 1_321_098_329
+            models.append(
+                {
+                    "name": m,
+                    "model": m,
+                    "size": size,
+                    "digest": self._digest(m),
+                    "details": self._details(m),
+                    "expires_at": self.residency.expires_iso(runner),
+                    "size_vram": size,
+                    "context_length": 8192,
+                }
+            )
+        return sorted(models, key=lambda e: str(e["expires_at"]), reverse=True)
 
     async def show(self, request: web.Request) -> web.Response:
         model = self._model(self._doc(request))
@@ -74,6 +97,25 @@ class NativeRoutes(FakeCore):
     async def _generate(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
         doc = self._doc(request)
         model = self._model(doc)
+        if self.residency is None:
+            return await self._answer(request, doc, model, chat=chat)
+        keep_alive = self._keep_alive(doc)
+        bare = not request[SEEN].prompt and not doc.get("messages")
+        if bare and keep_alive == 0:
+            self.residency.expire(model)  # Ollama unloads without loading it first
+            return await self._answer(request, doc, model, chat=chat)
+        async with self.residency.use(model, keep_alive, work=not bare) as load_ns:
+            return await self._answer(request, doc, model, chat=chat, load_ns=load_ns)
+
+    async def _answer(
+        self,
+        request: web.Request,
+        doc: dict[str, Any],
+        model: str,
+        *,
+        chat: bool,
+        load_ns: int = 1_000_000,
+    ) -> web.StreamResponse:
         if (early := await self._steer(request)) is not None:
             return early
         prompt = request[SEEN].prompt
@@ -97,7 +139,7 @@ class NativeRoutes(FakeCore):
             out["done"] = False
             return out
 
-        final = self._final(model, count, chat=chat)
+        final = self._final(model, count, chat=chat, load_ns=load_ns)
         if doc.get("stream", True) is False:
             text = "".join(WORDS[i % len(WORDS)] for i in range(count))
             if chat:
@@ -116,6 +158,14 @@ class NativeRoutes(FakeCore):
     async def embed(self, request: web.Request) -> web.Response:
         doc = self._doc(request)
         model = self._model(doc)
+        if self.residency is None:
+            return await self._embed(request, doc, model)
+        async with self.residency.use(model, self._keep_alive(doc)) as load_ns:
+            return await self._embed(request, doc, model, load_ns)
+
+    async def _embed(
+        self, request: web.Request, doc: dict[str, Any], model: str, load_ns: int = 1_019_500
+    ) -> web.Response:
         if (early := await self._steer(request)) is not None:
             return early  # type: ignore[return-value]
         if request.path == "/api/embeddings":
@@ -127,7 +177,7 @@ class NativeRoutes(FakeCore):
                 "model": model,
                 "embeddings": [[0.1, 0.2, 0.3]] * count,
                 "total_duration": 14_143_917,
-                "load_duration": 1_019_500,
+                "load_duration": load_ns,
                 "prompt_eval_count": 8 * count,
             }
         )

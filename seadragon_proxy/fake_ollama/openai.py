@@ -17,6 +17,14 @@ class OpenAIRoutes(FakeCore):
     async def openai_chat(self, request: web.Request) -> web.StreamResponse:
         doc = self._doc(request, openai=True)
         model = self._model(doc, openai=True)
+        if self.residency is None:
+            return await self._openai_answer(request, doc, model)
+        async with self.residency.use(model):
+            return await self._openai_answer(request, doc, model)
+
+    async def _openai_answer(
+        self, request: web.Request, doc: dict[str, Any], model: str
+    ) -> web.StreamResponse:
         if (early := await self._steer(request)) is not None:
             return early
         count = self._count(doc)
