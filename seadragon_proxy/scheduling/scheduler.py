@@ -18,6 +18,7 @@ import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 from ..exceptions import QueueFull, QueueTimeout, RequestError
 from .levels import FifoLevel, LevelQueue
@@ -47,6 +48,16 @@ class Affinity:
 
 def _fifo(priority: int) -> LevelQueue:
     return FifoLevel()
+
+
+def _waits_for(
+    blocked: set[Ticket],
+    free: set[Server],
+    servers_for: Callable[[Ticket], tuple[Server, ...]],
+    ticket: Ticket,
+) -> bool:
+    """May ``ticket`` go to one of the ``free`` servers (and is it not held back)?"""
+    return ticket not in blocked and any(s in free for s in servers_for(ticket))
 
 
 class Slot:
@@ -330,9 +341,7 @@ class Scheduler:
             open_ = {s for s in self.servers if s.free > 0 and s not in held}
             if not open_:
                 return
-            ticket = self._best(
-                lambda t, free=open_: t not in blocked and any(s in free for s in servers_for(t))
-            )
+            ticket = self._best(partial(_waits_for, blocked, open_, servers_for))
             if ticket is None:
                 return
             if self._gone(ticket):
