@@ -279,6 +279,12 @@ async def _stats(args: argparse.Namespace, settings: Settings, out: TextIO) -> i
             )
             name = "-" if g.name is None else g.name
             print(f"{name:<{width}}  " + "  ".join(f"{c:>9}" for c in cells), file=out)
+    if summary.servers:
+        print(file=out)
+        width = max(len("server"), *(len(s.name) for s in summary.servers))
+        print(f"{'server':<{width}}  {'requests':>9}  {'swaps':>9}", file=out)
+        for s in summary.servers:
+            print(f"{s.name:<{width}}  {s.requests:>9}  {s.swaps:>9}", file=out)
     return 0
 
 
