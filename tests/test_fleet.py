@@ -1,0 +1,329 @@
+"""A fleet of Ollama servers behind one queue, through the running proxy in front of
+several fakes on real ports: order, slots, residency, affinity, failures, refusals."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from seadragon_proxy.exceptions import ConfigError
+from seadragon_proxy.scheduling import Health, Ticket
+from seadragon_proxy.settings import parse_settings
+
+from .conftest import BASE_CONFIG, ProxyFactory, merge
+from .fleetfakes import LOAD_NS, A, B, FleetFactory, make_fleet
+
+__all__ = ["make_fleet"]  # the fixture, imported for pytest
+
+C = "nomic-embed-text:latest"
+AFFINITY = {"queue": {"affinity": {"window": 0, "max_defer": 60, "min_residency": 0}}}
+
+
+def started(fleet: Any) -> list[Ticket]:
+    return [t for event, t in fleet.proxy.watch.events if event == "started"]
+
+
+async def queue_view(fleet: Any) -> dict[str, Any]:
+    async with fleet.proxy.session.get(fleet.proxy.url + "/api/admin/queue") as r:
+        assert r.status == 200
+        doc: dict[str, Any] = await r.json()
+        return doc
+
+
+# -- one global queue, the server chosen at dispatch ------------------------------------------
+
+
+async def test_global_priority_order_across_servers(make_fleet: FleetFactory) -> None:
+    fleet = await make_fleet([{"name": "a", "slots": 1}, {"name": "b", "slots": 1}])
+    busy = [asyncio.create_task(fleet.generate(f"gate:g{i}")) for i in (1, 2)]
+    await fleet.proxy.watch.until(lambda: fleet.scheduler.in_flight == 2)
+    waiting = []
+    for source in ("scripts", "chat", "coding"):
+        waiting.append(asyncio.create_task(fleet.generate("hi", source=source)))
+        await fleet.proxy.watch.queued(len(waiting))
+    first = started(fleet)[0].server
+    freed = started(fleet)[1].server if first == "a" else "a"
+    fleet.release("g2" if freed == "b" else "g1")  # the server that frees takes the best
+    for task in waiting:
+        assert (await task)[0] == 200
+    order = started(fleet)[2:]
+    assert [t.source for t in order] == ["coding", "chat", "scripts"]
+    assert {t.server for t in order} == {freed}  # the other server was busy all along
+    fleet.release("g1", "g2")
+    await asyncio.gather(*busy)
+
+
+async def test_slots_per_server_never_exceeded(make_fleet: FleetFactory) -> None:
+    fleet = await make_fleet([{"name": "a", "slots": 2}, {"name": "b", "slots": 1}])
+    tasks = [asyncio.create_task(fleet.generate("gate:all")) for _ in range(9)]
+    await fleet.proxy.watch.queued(6)
+    a, b = fleet.fakes["a"], fleet.fakes["b"]
+    await a.wait_until(lambda: a.in_flight == 2)
+    await b.wait_until(lambda: b.in_flight == 1)
+    view = await queue_view(fleet)
+    assert [(s["name"], s["slots"], s["in_flight"]) for s in view["servers"]] == [
+        ("a", 2, 2),
+        ("b", 1, 1),
+    ]
+    assert {p["server"] for p in view["processing"]} == {"a", "b"}
+    fleet.release("all")
+    assert all(status == 200 for status, _ in await asyncio.gather(*tasks))
+    assert fleet.fakes["a"].max_in_flight == 2 and fleet.fakes["b"].max_in_flight == 1
+    assert len(fleet.fakes["a"].inference) + len(fleet.fakes["b"].inference) == 9
+
+
+# -- residency ---------------------------------------------------------------------------------
+
+
+async def test_the_server_with_the_model_loaded_is_preferred(make_fleet: FleetFactory) -> None:
+    fleet = await make_fleet(
+        [{"name": "a", "max_loaded_models": 1}, {"name": "b", "max_loaded_models": 1}],
+        loaded={"a": [A], "b": [B]},
+    )
+    for model, where in ((B, "b"), (A, "a"), (B, "b")):
+        assert (await fleet.generate("hi", model=model))[0] == 200
+        assert fleet.proxy.finished[-1].server == where
+        assert fleet.proxy.finished[-1].swapped is False
+    assert fleet.fakes["a"].loads == 0 and fleet.fakes["b"].loads == 0
+
+
+async def test_loading_where_no_busy_model_is_evicted(make_fleet: FleetFactory) -> None:
+    fleet = await make_fleet(
+        [
+            {"name": "a", "slots": 2, "max_loaded_models": 1},
+            {"name": "b", "slots": 1, "max_loaded_models": 1},
+        ],
+        loaded={"a": [A], "b": [B]},
+    )
+    busy = asyncio.create_task(fleet.generate("gate:a", model=A))
+    await fleet.proxy.watch.until(lambda: fleet.scheduler.in_flight == 1)
+    # a has a free slot, but loading C there would evict A mid-request; b's B is idle.
+    assert (await fleet.generate("hi", model=C))[0] == 200
+    assert fleet.proxy.finished[-1].server == "b" and fleet.proxy.finished[-1].swapped
+    assert fleet.server("b").loaded.keys() == {C}
+    fleet.release("a")
+    await busy
+
+
+async def test_waits_rather_than_evicting_a_busy_model(make_fleet: FleetFactory) -> None:
+    fleet = await make_fleet([{"name": "a", "slots": 2, "max_loaded_models": 1}], loaded={"a": [A]})
+    busy = asyncio.create_task(fleet.generate("gate:a", model=A))
+    await fleet.proxy.watch.until(lambda: fleet.scheduler.in_flight == 1)
+    other = asyncio.create_task(fleet.generate("hi", model=B, source="chat"))
+    await fleet.proxy.watch.queued(1)
+    later = asyncio.create_task(fleet.generate("hi", model=A, source="scripts"))
+    await fleet.proxy.watch.queued(2)  # A is loaded and a slot is free, yet it waits behind B
+    assert fleet.scheduler.in_flight == 1 and len(fleet.fakes["a"].inference) == 1
+    fleet.release("a")
+    await asyncio.gather(busy, other, later)
+    assert [(t.model, t.source) for t in started(fleet)[1:]] == [(B, "chat"), (A, "scripts")]
+
+
+async def test_swaps_are_counted_and_their_cost_learned(make_fleet: FleetFactory) -> None:
+    fleet = await make_fleet([{"name": "a", "max_loaded_models": 1}], loaded={"a": [A]})
+    assert (await fleet.generate("hi", model=B))[0] == 200
+    record = (await fleet.proxy.records(1))[-1]
+    assert record.server == "a" and record.swapped
+    view = await queue_view(fleet)
+    server = view["servers"][0]
+    assert server["loaded"] == [B] and server["swaps"] == 1
+    assert server["swap_cost"] == {B: LOAD_NS / 1e9}
+    async with fleet.proxy.session.get(fleet.proxy.url + "/metrics") as r:
+        text = await r.text()
+    assert 'seadragon_model_swaps_total{server="a"} 1.0' in text
+    assert f'seadragon_swap_cost_seconds{{model="{B}",server="a"}} 2.5' in text
+    async with fleet.proxy.session.get(fleet.proxy.url + "/api/admin/stats") as r:
+        stats = await r.json()
+    assert stats["servers"] == [{"server": "a", "requests": 1, "swaps": 1}]
+
+
+# -- fewer swaps -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("affinity", "expected"), [(False, [B, A]), (True, [A, B])])
+async def test_affinity_prefers_loaded_work_within_a_level(
+    make_fleet: FleetFactory, affinity: bool, expected: list[str]
+) -> None:
+    fleet = await make_fleet(
+        [{"name": "a", "max_loaded_models": 1}], AFFINITY if affinity else None, loaded={"a": [A]}
+    )
+    busy = asyncio.create_task(fleet.generate("gate:a", model=A))
+    await fleet.proxy.watch.until(lambda: fleet.scheduler.in_flight == 1)
+    tasks = [asyncio.create_task(fleet.generate("hi", model=B, source="scripts"))]
+    await fleet.proxy.watch.queued(1)
+    tasks.append(asyncio.create_task(fleet.generate("hi", model=A, source="scripts")))
+    await fleet.proxy.watch.queued(2)
+    fleet.release("a")
+    await asyncio.gather(busy, *tasks)
+    assert [t.model for t in started(fleet)[1:]] == expected
+    assert fleet.fakes["a"].loads == (2 if not affinity else 1)
+
+
+@pytest.mark.parametrize(("window", "first"), [(0, "coding"), (5, "chat")])
+async def test_strict_priority_beyond_the_window(
+    make_fleet: FleetFactory, window: int, first: str
+) -> None:
+    override = merge(AFFINITY, {"queue": {"affinity": {"window": window}}})
+    fleet = await make_fleet([{"name": "a", "max_loaded_models": 1}], override, loaded={"a": [A]})
+    busy = asyncio.create_task(fleet.generate("gate:a", model=A))
+    await fleet.proxy.watch.until(lambda: fleet.scheduler.in_flight == 1)
+    tasks = [asyncio.create_task(fleet.generate("hi", model=A, source="chat"))]
+    await fleet.proxy.watch.queued(1)
+    tasks.append(asyncio.create_task(fleet.generate("hi", model=B, source="coding")))
+    await fleet.proxy.watch.queued(2)
+    fleet.release("a")
+    await asyncio.gather(busy, *tasks)
+    assert started(fleet)[1].source == first
+
+
+async def test_a_passed_over_waiter_is_served_within_max_defer(make_fleet: FleetFactory) -> None:
+    max_defer = 0.6
+    override = merge(AFFINITY, {"queue": {"affinity": {"max_defer": max_defer}}})
+    fleet = await make_fleet([{"name": "a", "max_loaded_models": 1}], override, loaded={"a": [A]})
+    busy = asyncio.create_task(fleet.generate("gate:a", model=A))
+    await fleet.proxy.watch.until(lambda: fleet.scheduler.in_flight == 1)
+    tasks = [asyncio.create_task(fleet.generate("hi", model=B, source="scripts"))]
+    await fleet.proxy.watch.queued(1)
+    slow = {"options": {"num_predict": 0}}  # each A job streams its one line slowly: ~0.25 s
+    for i in range(6):
+        tasks.append(
+            asyncio.create_task(
+                fleet.generate("fault:slow:4000", model=A, source="scripts", **slow)
+            )
+        )
+        await fleet.proxy.watch.queued(2 + i)
+    fleet.release("a")
+    await asyncio.gather(busy, *tasks)
+    order = started(fleet)[1:]
+    passed = next(t for t in order if t.model == B)
+    position = order.index(passed)
+    assert 0 < position < len(order) - 1  # passed over, and yet not left for last
+    assert passed.passed_at > 0
+    job = max(t.started_at - s.started_at for s, t in itertools.pairwise(order))
+    assert passed.started_at - passed.passed_at <= max_defer + job + 0.05
+
+
+# -- failures ----------------------------------------------------------------------------------
+
+
+async def test_a_failed_servers_work_goes_to_another(make_fleet: FleetFactory) -> None:
+    fleet = await make_fleet([{"name": "a", "slots": 1}, {"name": "b", "slots": 1}])
+    await fleet.fakes["a"].stop()  # a dies
+    busy = asyncio.create_task(fleet.generate("gate:b"))
+    await fleet.fakes["b"].wait_for(1)
+    task = asyncio.create_task(fleet.generate("moved"))
+    # It tried a (free), found it refusing, and waits in its place for b.
+    await fleet.proxy.watch.until(
+        lambda: fleet.server("a").health is Health.DOWN and fleet.scheduler.queue_length == 1
+    )
+    async with fleet.proxy.session.get(fleet.proxy.url + "/health") as r:
+        assert r.status == 200
+        health = await r.json()
+    assert [(s["name"], s["reachable"]) for s in health["servers"]] == [("a", False), ("b", True)]
+    fleet.release("b")
+    assert (await task)[0] == 200
+    await busy
+    assert [s.prompt for s in fleet.fakes["b"].inference] == ["gate:b", "moved"]
+    moved = next(r for r in await fleet.proxy.records(2) if r.server == "b" and r.bytes_out)
+    assert moved.status == 200
+
+
+async def test_health_is_unhealthy_only_when_every_server_is_down(
+    make_fleet: FleetFactory,
+) -> None:
+    fleet = await make_fleet([{"name": "a"}, {"name": "b"}])
+    await fleet.fakes["b"].stop()
+    async with fleet.proxy.session.get(fleet.proxy.url + "/health") as r:
+        assert r.status == 200
+        assert (await r.json())["status"] == "healthy"
+    await fleet.fakes["a"].stop()
+    async with fleet.proxy.session.get(fleet.proxy.url + "/health") as r:
+        assert r.status == 503
+        doc = await r.json()
+    assert doc["status"] == "unhealthy"
+    assert [s["reachable"] for s in doc["servers"]] == [False, False]
+    assert "url" not in str(doc) and "127.0.0.1" not in str(doc)
+
+
+# -- refusals ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", [C, "mistral:7b"])
+async def test_a_model_no_server_may_serve_is_404_at_once(
+    make_fleet: FleetFactory, model: str
+) -> None:
+    fleet = await make_fleet(
+        [{"name": "a", "models": ["llama3:*"]}, {"name": "b", "models": ["llama3.2:*"]}]
+    )
+    status, doc = await fleet.generate("hi", model=model, stream=False)
+    assert status == 404
+    assert doc == {"error": f"model '{model}' not found"}
+    assert fleet.fakes["a"].inference == [] and fleet.fakes["b"].inference == []
+    assert fleet.scheduler.queue_length == 0
+    assert (await fleet.generate("hi", model=B))[0] == 200  # globs: only b may serve it
+    assert fleet.proxy.finished[-1].server == "b"
+
+
+# -- configuration -----------------------------------------------------------------------------
+
+
+def parse(override: dict[str, Any]) -> Any:
+    return parse_settings(merge(BASE_CONFIG, override), file="f.yaml", base=Path("."))
+
+
+def test_part1_upstream_is_a_fleet_of_one() -> None:
+    settings = parse({"upstream": {"url": "http://10.0.0.5:11434", "slots": 3}})
+    [only] = settings.fleet
+    assert (only.name, str(only.url), only.slots, only.models) == (
+        "default",
+        "http://10.0.0.5:11434",
+        3,
+        (),
+    )
+    assert not settings.queue.affinity.on
+
+
+async def test_part1_config_asks_ollama_nothing_extra(make_proxy: ProxyFactory) -> None:
+    proxy = await make_proxy()
+    assert (await proxy.generate("hi"))[0] == 200
+    assert [r.path for r in proxy.fake.requests] == ["/api/generate"]  # no /api/ps, no tags
+    assert [s.name for s in proxy.scheduler.servers] == ["default"]
+
+
+def test_upstreams_are_validated_with_file_and_key() -> None:
+    cases = [
+        ({"upstreams": []}, "f.yaml: upstreams: must be a list"),
+        ({"upstreams": [{"name": "a"}]}, "upstreams[0]: needs a name and a url"),
+        ({"upstreams": [{"name": "a b", "url": "http://x"}]}, "upstreams[0].name: must be"),
+        (
+            {"upstreams": [{"name": "a", "url": "http://x"}, {"name": "a", "url": "http://y"}]},
+            "upstreams[1].name:",
+        ),
+        ({"upstreams": [{"name": "a", "url": "ftp://x"}]}, "upstreams[0].url: must be"),
+        ({"upstreams": [{"name": "a", "url": "http://x", "slots": 0}]}, "upstreams[0].slots"),
+        ({"upstreams": [{"name": "a", "url": "http://x", "gpu": 1}]}, "upstreams[0].gpu: unknown"),
+        (
+            {"upstream": {"slots": 2}, "upstreams": [{"name": "a", "url": "http://x"}]},
+            "upstream.slots: is set together with upstreams",
+        ),
+        ({"queue": {"affinity": {"window": -1}}}, "queue.affinity.window"),
+        ({"queue": {"affinity": {"defer": 1}}}, "queue.affinity.defer: unknown"),
+    ]
+    for override, message in cases:
+        config = merge(BASE_CONFIG, override)
+        if "upstreams" in override and "upstream" not in override:
+            config["upstream"].pop("slots")
+        with pytest.raises(ConfigError) as e:
+            parse_settings(config, file="f.yaml", base=Path("."))
+        assert message in str(e.value), (override, str(e.value))
+
+
+def test_affinity_settings() -> None:
+    on = parse({"queue": {"affinity": {"window": 2}}}).queue.affinity
+    assert (on.window, on.max_defer, on.min_residency, on.on) == (2, 120.0, 20.0, True)
+    off = parse({"queue": {"affinity": {"max_defer": 0}}}).queue.affinity
+    assert not off.on
