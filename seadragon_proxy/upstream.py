@@ -242,9 +242,8 @@ class Upstream:
 
     def _give_up(self) -> None:
         self._window = None
-        self._set(Health.FAILING)
         message = f"Ollama at {self.url} is unreachable"
-        failed = self._scheduler.reject_stranded(lambda: UpstreamUnavailable(message))
+        failed = self._scheduler.give_up(self.name, lambda: UpstreamUnavailable(message))
         log.error("upstream_down", server=self.name, upstream=str(self.url), rejected=failed)
 
     def report_ok(self) -> None:

@@ -8,7 +8,7 @@ import itertools
 import pytest
 
 from seadragon_proxy.exceptions import QueueFull, QueueTimeout, ShuttingDown, UpstreamUnavailable
-from seadragon_proxy.scheduling import Scheduler, Slot, State, Ticket
+from seadragon_proxy.scheduling import Health, Scheduler, Server, Slot, State, Ticket
 
 _ids = itertools.count()
 
@@ -258,3 +258,48 @@ async def test_release_while_a_waiter_is_being_cancelled_skips_it() -> None:
     await h.tasks[next_one]
     assert h.granted == [first, next_one]
     assert (s.in_flight, s.queue_length) == (1, 0)
+
+
+async def test_a_fleet_keeps_slots_per_server_and_sends_work_where_it_is_allowed() -> None:
+    a = Server("a", 1, models=["m"])
+    b = Server("b", 2)
+    s = Scheduler(max_size=100, servers=[a, b])
+    h = Harness(s)
+    only_b = [ticket() for _ in range(3)]
+    for t in only_b:
+        t.model = "other"  # a may not serve it
+        await h.enter(t)
+    assert [t.server for t in h.granted] == ["b", "b"] and s.queue_length == 1
+    m = ticket()
+    await h.enter(m)  # a is free and allows m: it does not wait behind the b work
+    assert m.server == "a" and s.in_flight == 3
+    await h.finish(only_b[0])
+    assert only_b[2].server == "b" and s.queue_length == 0
+    assert len(a.running) == 1 and len(b.running) == 2
+
+
+async def test_a_down_server_gets_no_work_and_its_waiters_resume_elsewhere() -> None:
+    a, b = Server("a", 1), Server("b", 1)
+    s = Scheduler(max_size=100, servers=[a, b])
+    h = Harness(s)
+    s.set_health("a", Health.DOWN)
+    first, second = ticket(), ticket()
+    await h.enter(first)
+    await h.enter(second)
+    assert first.server == "b" and second.state is State.QUEUED
+    s.set_health("a", Health.UP)
+    await asyncio.sleep(0)
+    assert second.server == "a"
+    await h.finish(first)
+    await h.finish(second)
+    s.set_health("a", Health.FAILING)
+    s.set_health("b", Health.DOWN)
+    waits = ticket()
+    await h.enter(waits)  # b may be back soon: wait for it rather than fail on a
+    assert waits.state is State.QUEUED
+    assert s.give_up("b", lambda: UpstreamUnavailable("gone")) == 1
+    with pytest.raises(UpstreamUnavailable):
+        await h.tasks[waits]
+    stranded = ticket()
+    await h.enter(stranded)  # every server failing: it goes, to fail fast there
+    assert stranded.state is State.RUNNING and stranded.server == "a"

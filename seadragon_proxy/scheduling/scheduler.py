@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from functools import partial
 
 from ..exceptions import QueueFull, QueueTimeout, RequestError
-from .levels import FifoLevel, LevelQueue
+from .levels import FifoLevel, LevelQueue, ModelFilter
 from .servers import Fit, Health, Server
 from .ticket import State, Ticket
 
@@ -282,9 +282,15 @@ class Scheduler:
             level = self._levels[priority] = self._level_factory(priority)
         return level
 
-    def _best(self, servable: Callable[[Ticket], bool]) -> Ticket | None:
+    def _best(self, servable: Callable[[Ticket], bool], below: float = math.inf) -> Ticket | None:
+        """The best waiter ``servable`` accepts, in levels whose first waiter's key is at most
+        ``below`` (a level's first waiter has its lowest key: further ones are not looked at)."""
         best: Ticket | None = None
         for level in self._levels.values():
+            if below != math.inf:
+                first = level.head()
+                if first is None or first.key > below:
+                    continue
             head = level.head(servable)
             if head is not None and (best is None or (head.key, head.seq) < (best.key, best.seq)):
                 best = head
@@ -380,18 +386,19 @@ class Scheduler:
         """Affinity: the best waiter for a model loaded on ``server`` within ``window`` levels
         of ``best``, if ``best`` may still be passed over; ``best`` is then marked passed."""
         window = self._affinity.window
-        loaded = server.loaded
+        eligible: dict[str | None, bool] = {}
 
-        def fits(t: Ticket) -> bool:
-            return (
-                t.model in loaded
-                and t.key - best.key <= window
-                and t not in blocked
-                and server in self._eligible(t.model)
-            )
+        def accept(t: Ticket) -> bool:
+            if t.key - best.key > window or t in blocked:
+                return False
+            ok = eligible.get(t.model)
+            if ok is None:
+                ok = eligible[t.model] = server in self._eligible(t.model)
+            return ok
 
+        fits = ModelFilter(server.loaded.keys(), accept)
         while True:
-            other = self._best(fits)
+            other = self._best(fits, below=best.key + window)
             if other is None or not self._gone(other):
                 break
         if other is None:
@@ -500,6 +507,14 @@ class Scheduler:
     def refresh(self) -> None:
         """Something the glue learned (residency, models) may let a waiter start."""
         self._dispatch()
+
+    def give_up(self, name: str, error: Callable[[], RequestError]) -> int:
+        """A server has been down too long: it is failing, and the waiters that no server up
+        (or only briefly down) may serve get ``error()``; returns how many."""
+        self._by_name[name].health = Health.FAILING
+        failed = self.reject_stranded(error)
+        self._dispatch()
+        return failed
 
     def reject_stranded(self, error: Callable[[], RequestError]) -> int:
         """Fail the waiters no server that is up (or only briefly down) may serve."""
