@@ -220,7 +220,11 @@ class Proxy:
                 raise
             finally:
                 record.upstream_time = self.scheduler.now() - started
-            return await self._relay(request, upstream, response, slot, record, started)
+            try:
+                return await self._relay(request, upstream, response, slot, record, started)
+            finally:
+                if ticket.swapped:
+                    self.fleet.loaded()
 
     @staticmethod
     def _not_whitelisted(record: RequestRecord, source: Source, ip: IPAddress | None) -> Forbidden:

@@ -271,8 +271,9 @@ class Fleet:
     """Every Ollama server (``servers``, in the configured order) and the one client session.
 
     Residency: what each server has loaded is read from ``/api/ps`` (and what it has, from
-    ``/api/tags``) at start and every ``RESIDENCY_INTERVAL`` seconds, for changes made
-    outside the proxy; between reads the scheduler keeps track of what it sent where.
+    ``/api/tags``) at start, after a request of ours loaded a model, and every
+    ``RESIDENCY_INTERVAL`` seconds for changes made outside the proxy; between reads the
+    scheduler keeps track of what it sent where.
     """
 
     def __init__(
@@ -289,6 +290,9 @@ class Fleet:
         self._by_name = {u.name: u for u in self.servers}
         self._session: aiohttp.ClientSession | None = None
         self._refresher: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._refreshed = asyncio.Event()
+        self.refreshes = 0  # residency reads applied so far
 
     def __repr__(self) -> str:
         return f"<Fleet {list(self.servers)}>"
@@ -336,7 +340,14 @@ class Fleet:
     async def refresh(self) -> None:
         """Read every server's ``/api/ps`` and ``/api/tags`` at once; tell the scheduler."""
         await asyncio.gather(*(self._refresh_one(u) for u in self.servers))
+        self.refreshes += 1
+        self._refreshed.set()
+        self._refreshed = asyncio.Event()
         self._scheduler.refresh()
+
+    async def next_refresh(self) -> None:
+        """Wait for the next read of every server's residency to be applied."""
+        await self._refreshed.wait()
 
     async def _refresh_one(self, upstream: Upstream) -> None:
         timeout = min(3.0, self.settings.connect_timeout + 1)
@@ -362,11 +373,18 @@ class Fleet:
             or any(u.server.max_loaded or u.server.patterns for u in self.servers)
         )
 
+    def loaded(self) -> None:
+        """A request of ours loaded a model: read /api/ps now (what did Ollama evict?)."""
+        self._wake.set()
+
     async def _refresh_forever(self) -> None:
         while True:
+            self._wake.clear()
             if self.tracks_residency:
                 await self.refresh()
-            await asyncio.sleep(RESIDENCY_INTERVAL)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(RESIDENCY_INTERVAL):
+                    await self._wake.wait()
 
 
 def _model_names(doc: object) -> list[str] | None:

@@ -13,6 +13,7 @@ import pytest
 from seadragon_proxy.exceptions import ConfigError
 from seadragon_proxy.scheduling import Health, Ticket
 from seadragon_proxy.settings import parse_settings
+from seadragon_proxy.typedefs import FLEET
 
 from .conftest import BASE_CONFIG, ProxyFactory, merge
 from .fleetfakes import LOAD_NS, A, B, FleetFactory, make_fleet
@@ -327,3 +328,29 @@ def test_affinity_settings() -> None:
     assert (on.window, on.max_defer, on.min_residency, on.on) == (2, 120.0, 20.0, True)
     off = parse({"queue": {"affinity": {"max_defer": 0}}}).queue.affinity
     assert not off.on
+
+
+async def test_residency_is_read_again_after_a_load(make_fleet: FleetFactory) -> None:
+    fleet = await make_fleet([{"name": "a", "max_loaded_models": 2}], loaded={"a": [A]})
+    fake = fleet.fakes["a"]
+
+    def reads() -> int:
+        return sum(r.path == "/api/ps" for r in fake.requests)
+
+    before = reads()
+    fake.loaded = [A, C]  # someone ran C on the server directly: the proxy has not seen it
+    refreshed = asyncio.create_task(fleet.proxy.server.app[FLEET].next_refresh())
+    assert (await fleet.generate("hi", model=B))[0] == 200  # loads B (there is room)
+    await asyncio.wait_for(refreshed, 5)
+    assert reads() > before
+    assert fleet.server("a").loaded.keys() == {B, C}  # the fake, full, evicted A for B
+    assert fleet.proxy.finished[-1].swapped
+
+
+async def test_affinity_is_applied_by_a_reload(make_fleet: FleetFactory) -> None:
+    fleet = await make_fleet([{"name": "a"}])
+    assert not fleet.scheduler.affinity.on
+    ok = await fleet.proxy.next_reload(
+        "config", lambda: fleet.proxy.write_config({"queue": {"affinity": {"window": 1}}})
+    )
+    assert ok and fleet.scheduler.affinity.window == 1 and fleet.scheduler.affinity.on
