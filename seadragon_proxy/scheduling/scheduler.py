@@ -116,6 +116,7 @@ class Scheduler:
     ) -> None:
         """``servers``: the fleet; without it one server called ``default`` with ``slots``."""
         self.servers: tuple[Server, ...] = tuple(servers or (Server("default", slots),))
+        self._capacity = sum(s.slots for s in self.servers)
         self._by_name = {s.name: s for s in self.servers}
         self._affinity = affinity or Affinity()
         self._level_factory = level_factory
@@ -282,7 +283,9 @@ class Scheduler:
             level = self._levels[priority] = self._level_factory(priority)
         return level
 
-    def _best(self, servable: Callable[[Ticket], bool], below: float = math.inf) -> Ticket | None:
+    def _best(
+        self, servable: Callable[[Ticket], bool] | None, below: float = math.inf
+    ) -> Ticket | None:
         """The best waiter ``servable`` accepts, in levels whose first waiter's key is at most
         ``below`` (a level's first waiter has its lowest key: further ones are not looked at)."""
         best: Ticket | None = None
@@ -330,7 +333,7 @@ class Scheduler:
 
     def _dispatch(self) -> None:
         """Fill free slots: each time, the best waiter that some free server may serve."""
-        if self._paused or not self._queued:
+        if self._paused or not self._queued or len(self._running) >= self._capacity:
             return
         now = self.now()
         blocked: set[Ticket] = set()  # waiting for a better fit, for this pass
@@ -343,17 +346,22 @@ class Scheduler:
                 found = eligible[t.model] = self._eligible(t.model)
             return found
 
-        while self._queued:
-            open_ = {s for s in self.servers if s.free > 0 and s not in held}
-            if not open_:
-                return
-            ticket = self._best(partial(_waits_for, blocked, open_, servers_for))
-            if ticket is None:
-                return
+        while self._queued and len(self._running) < self._capacity:
+            # Usually the best waiter of all can go somewhere: no filter, no set.
+            ticket = None if blocked else self._best(None)
+            candidates = [s for s in servers_for(ticket) if s.free > 0] if ticket else []
+            if not candidates:
+                open_ = {s for s in self.servers if s.free > 0 and s not in held}
+                if not open_:
+                    return
+                ticket = self._best(partial(_waits_for, blocked, open_, servers_for))
+                if ticket is None:
+                    return
+                candidates = [s for s in servers_for(ticket) if s in open_]
+            assert ticket is not None
             if self._gone(ticket):
                 continue
-            candidates = [s for s in servers_for(ticket) if s in open_]
-            server = self._choose(ticket, candidates)
+            server = candidates[0] if len(candidates) == 1 else self._choose(ticket, candidates)
             fit = server.fit(ticket.model)
             if fit >= Fit.EVICT_IDLE and self._affinity.on:
                 other = self._loaded_work(server, ticket, now, blocked)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import enum
 import fnmatch
-from collections import Counter
 from collections.abc import Iterable, Iterator
 
 from .ticket import Ticket
@@ -51,7 +50,7 @@ class Server:
         self.health = Health.UP
         self.known: frozenset[str] | None = None  # its /api/tags, once read
         self.running: dict[Ticket, None] = {}
-        self.busy: Counter[str] = Counter()  # model -> requests in flight
+        self.busy: dict[str, int] = {}  # model -> requests in flight (absent: none)
         self.loaded: dict[str, float] = {}  # model -> last used (scheduler clock)
         self.loaded_at: dict[str, float] = {}  # model -> when this proxy saw it load
         self.swap_cost: dict[str, float] = {}  # model -> learned load time, seconds
@@ -67,7 +66,7 @@ class Server:
 
     def allows(self, model: str | None) -> bool:
         """May this server serve ``model``: its ``models`` globs, and its /api/tags if known."""
-        if model is None:
+        if model is None or (not self.patterns and self.known is None):
             return True
         name = model if ":" in model else f"{model}:latest"
         if self.patterns and not any(
@@ -88,7 +87,7 @@ class Server:
             return Fit.LOADED
         if not self.max_loaded or len(self.loaded) < self.max_loaded:
             return Fit.ROOM
-        if any(not self.busy[m] for m in self.loaded):
+        if any(m not in self.busy for m in self.loaded):
             return Fit.EVICT_IDLE
         return Fit.EVICT_BUSY
 
@@ -96,7 +95,7 @@ class Server:
         """The model a load would evict now: the least recently used idle one, if full."""
         if not self.max_loaded or len(self.loaded) < self.max_loaded:
             return None
-        idle = [(used, m) for m, used in self.loaded.items() if not self.busy[m]]
+        idle = [(used, m) for m, used in self.loaded.items() if m not in self.busy]
         return min(idle)[1] if idle else None
 
     def cost(self, model: str) -> float | None:
@@ -119,7 +118,7 @@ class Server:
             self.loaded_at[model] = now
             self.swaps += 1
         self.loaded[model] = now
-        self.busy[model] += 1
+        self.busy[model] = self.busy.get(model, 0) + 1
         return swapped
 
     def finish(self, ticket: Ticket, now: float) -> None:
@@ -127,9 +126,11 @@ class Server:
         model = ticket.model
         if model is None:
             return
-        self.busy[model] -= 1
-        if self.busy[model] <= 0:
-            del self.busy[model]
+        count = self.busy.get(model, 0) - 1
+        if count > 0:
+            self.busy[model] = count
+        else:
+            self.busy.pop(model, None)
         if model in self.loaded:
             self.loaded[model] = now
 
