@@ -8,7 +8,16 @@ import itertools
 import pytest
 
 from seadragon_proxy.exceptions import QueueFull, QueueTimeout, ShuttingDown, UpstreamUnavailable
-from seadragon_proxy.scheduling import Health, Scheduler, Server, Slot, State, Ticket
+from seadragon_proxy.scheduling import (
+    Affinity,
+    Fit,
+    Health,
+    Scheduler,
+    Server,
+    Slot,
+    State,
+    Ticket,
+)
 
 _ids = itertools.count()
 
@@ -303,3 +312,36 @@ async def test_a_down_server_gets_no_work_and_its_waiters_resume_elsewhere() -> 
     stranded = ticket()
     await h.enter(stranded)  # every server failing: it goes, to fail fast there
     assert stranded.state is State.RUNNING and stranded.server == "a"
+
+
+def test_a_server_knows_llama3_as_llama3_latest() -> None:
+    server = Server("a", 1, max_loaded=1, models=["llama3*"])
+    server.observe_known(["llama3:latest", "qwen:7b"])
+    server.observe_loaded(["llama3:latest"], 0.0)
+    assert server.allows("llama3") and not server.allows("qwen:7b")
+    assert server.fit("llama3") is Fit.LOADED and server.has_loaded("llama3")
+    assert "llama3" in server.loaded_names()
+
+
+async def test_a_cheap_swap_buys_a_short_deferral() -> None:
+    server = Server("a", 1, max_loaded=1)
+    server.observe_loaded(["a:1"], 0.0)
+    server.learn_load("a:1", 0.1)
+    server.learn_load("b:1", 0.2)  # learned earlier: both loads are cheap
+    s = Scheduler(max_size=10, servers=[server], affinity=Affinity(window=0, max_defer=100))
+    h = Harness(s)
+    running = ticket()
+    running.model = "a:1"
+    await h.enter(running)
+    passed, loaded = ticket(), ticket()
+    passed.model, loaded.model = "b:1", "a:1"
+    await h.enter(passed)
+    await h.enter(loaded)
+    await h.finish(running)
+    assert loaded.state is State.RUNNING and passed.state is State.QUEUED
+    timer = passed._defer_timer
+    assert timer is not None
+    # 10 x (0.2 s to load b + 0.1 s to reload a) = 3 s, far below max_defer's 100 s.
+    assert timer.when() - passed.passed_at == pytest.approx(3.0, abs=0.01)
+    await h.finish(loaded)
+    assert passed.state is State.RUNNING  # nothing else for a: the swap happens

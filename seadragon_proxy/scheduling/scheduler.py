@@ -22,7 +22,7 @@ from functools import partial
 
 from ..exceptions import QueueFull, QueueTimeout, RequestError
 from .levels import FifoLevel, LevelQueue, ModelFilter
-from .servers import Fit, Health, Server
+from .servers import Fit, Health, Server, canonical
 from .ticket import State, Ticket
 
 Listener = Callable[[str, Ticket], None]  # event is "queued", "started", "finished" or "dropped"
@@ -404,7 +404,7 @@ class Scheduler:
                 ok = eligible[t.model] = server in self._eligible(t.model)
             return ok
 
-        fits = ModelFilter(server.loaded.keys(), accept)
+        fits = ModelFilter(server.loaded_names(), accept)
         while True:
             other = self._best(fits, below=best.key + window)
             if other is None or not self._gone(other):
@@ -420,7 +420,8 @@ class Scheduler:
         if timer is None or timer.when() > deadline:
             if timer is not None:
                 timer.cancel()
-            best._defer_timer = asyncio.get_running_loop().call_at(deadline, self._dispatch)
+            loop = asyncio.get_running_loop()
+            best._defer_timer = loop.call_later(max(0.0, deadline - now), self._dispatch)
         return other
 
     def _defer_limit(self, server: Server, best: Ticket, other: Ticket, passed_at: float) -> float:
@@ -429,12 +430,14 @@ class Scheduler:
         at least what is left of the loaded model's ``min_residency``, at most ``max_defer``."""
         a = self._affinity
         assert best.model is not None and other.model is not None
-        costs = [server.cost(best.model), server.cost(other.model)]
+        evicted = server.victim() or other.model  # no idle one: the busy model it waits for
+        costs = [server.cost(best.model), server.cost(evicted)]
         if any(c is None for c in costs):
             by_cost = a.max_defer
         else:
             by_cost = DEFER_PER_SWAP_SECOND * sum(c or 0.0 for c in costs)
-        residency = server.loaded_at.get(other.model, -math.inf) + a.min_residency - passed_at
+        loaded_at = server.loaded_at.get(canonical(other.model), -math.inf)
+        residency = loaded_at + a.min_residency - passed_at
         return min(a.max_defer, max(by_cost, residency))
 
     def _grant(self, ticket: Ticket, server: Server, now: float) -> None:

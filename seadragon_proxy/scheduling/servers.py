@@ -16,6 +16,11 @@ from .ticket import Ticket
 SWAP_EWMA = 0.3  # weight of the newest load_duration in the learned swap cost
 
 
+def canonical(model: str) -> str:
+    """Ollama's full name: ``llama3`` is ``llama3:latest`` (as /api/ps and /api/tags say)."""
+    return model if ":" in model else f"{model}:latest"
+
+
 class Health(enum.Enum):
     UP = "up"
     DOWN = "down"  # unreachable, its waiters wait (or go elsewhere) up to unreachable_wait
@@ -68,7 +73,7 @@ class Server:
         """May this server serve ``model``: its ``models`` globs, and its /api/tags if known."""
         if model is None or (not self.patterns and self.known is None):
             return True
-        name = model if ":" in model else f"{model}:latest"
+        name = canonical(model)
         if self.patterns and not any(
             fnmatch.fnmatchcase(model, p) or fnmatch.fnmatchcase(name, p) for p in self.patterns
         ):
@@ -80,10 +85,19 @@ class Server:
         return self.slots - len(self.running)
 
     def has_loaded(self, model: str | None) -> bool:
-        return model is None or model in self.loaded
+        return model is None or canonical(model) in self.loaded
+
+    def loaded_names(self) -> set[str]:
+        """The loaded models as a client may name them (``llama3`` for ``llama3:latest``)."""
+        names = set(self.loaded)
+        names.update(m.removesuffix(":latest") for m in self.loaded if m.endswith(":latest"))
+        return names
 
     def fit(self, model: str | None) -> Fit:
-        if model is None or model in self.loaded:
+        if model is None:
+            return Fit.LOADED
+        model = canonical(model)
+        if model in self.loaded:
             return Fit.LOADED
         if not self.max_loaded or len(self.loaded) < self.max_loaded:
             return Fit.ROOM
@@ -99,16 +113,16 @@ class Server:
         return min(idle)[1] if idle else None
 
     def cost(self, model: str) -> float | None:
-        return self.swap_cost.get(model)
+        return self.swap_cost.get(canonical(model))
 
     # -- what happened there ----------------------------------------------------------------
 
     def start(self, ticket: Ticket, now: float) -> bool:
         """``ticket`` runs here from now; returns whether that loads its model (a swap)."""
         self.running[ticket] = None
-        model = ticket.model
-        if model is None:
+        if ticket.model is None:
             return False
+        model = canonical(ticket.model)
         swapped = model not in self.loaded
         if swapped:
             evicted = self.victim()
@@ -123,9 +137,9 @@ class Server:
 
     def finish(self, ticket: Ticket, now: float) -> None:
         self.running.pop(ticket, None)
-        model = ticket.model
-        if model is None:
+        if ticket.model is None:
             return
+        model = canonical(ticket.model)
         count = self.busy.get(model, 0) - 1
         if count > 0:
             self.busy[model] = count
@@ -136,6 +150,7 @@ class Server:
 
     def learn_load(self, model: str, seconds: float) -> None:
         """A load of ``model`` here took ``seconds`` (Ollama's load_duration): an EWMA."""
+        model = canonical(model)
         old = self.swap_cost.get(model)
         self.swap_cost[model] = (
             seconds if old is None else (1 - SWAP_EWMA) * old + SWAP_EWMA * seconds
@@ -143,7 +158,7 @@ class Server:
 
     def observe_loaded(self, models: Iterable[str], now: float) -> None:
         """What Ollama says is loaded (``/api/ps``); models in flight here stay loaded."""
-        seen = set(models) | set(self.busy)
+        seen = {canonical(m) for m in models} | set(self.busy)
         for model in list(self.loaded):
             if model not in seen:
                 del self.loaded[model]
