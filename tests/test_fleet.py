@@ -17,6 +17,7 @@ from seadragon_proxy.typedefs import FLEET
 
 from .conftest import BASE_CONFIG, ProxyFactory, merge
 from .fleetfakes import LOAD_NS, A, B, FleetFactory, make_fleet
+from .test_history import run_cli
 
 __all__ = ["make_fleet"]  # the fixture, imported for pytest
 
@@ -140,6 +141,11 @@ async def test_swaps_are_counted_and_their_cost_learned(make_fleet: FleetFactory
     async with fleet.proxy.session.get(fleet.proxy.url + "/api/admin/stats") as r:
         stats = await r.json()
     assert stats["servers"] == [{"server": "a", "requests": 1, "swaps": 1}]
+    table = await asyncio.to_thread(run_cli, ["stats", "--config", str(fleet.proxy.config_path)])
+    assert [line.split() for line in table.splitlines()[-2:]] == [
+        ["server", "requests", "swaps"],
+        ["a", "1", "1"],
+    ]
 
 
 # -- fewer swaps -------------------------------------------------------------------------------

@@ -203,14 +203,14 @@ class Scheduler:
         """New limits for new arrivals; queued tickets keep their deadlines and priorities."""
         self._max_size = max_size
         self._max_wait = max_wait
-        if affinity is not None and affinity != self._affinity:
-            self._affinity = affinity
-            self._dispatch()
         if aging != self._aging:
             self._aging = aging
             for level in self._levels.values():
                 for ticket in level:
                     ticket.key = self._key(ticket)
+        if affinity is not None and affinity != self._affinity:
+            self._affinity = affinity
+            self._dispatch()  # turned off: a waiter held back for loaded work may go now
 
     def _key(self, ticket: Ticket) -> float:
         if self._aging:
