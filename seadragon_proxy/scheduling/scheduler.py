@@ -117,6 +117,7 @@ class Scheduler:
         """``servers``: the fleet; without it one server called ``default`` with ``slots``."""
         self.servers: tuple[Server, ...] = tuple(servers or (Server("default", slots),))
         self._capacity = sum(s.slots for s in self.servers)
+        self._eligible_cache: dict[str | None, tuple[Server, ...]] = {}
         self._by_name = {s.name: s for s in self.servers}
         self._affinity = affinity or Affinity()
         self._level_factory = level_factory
@@ -303,12 +304,18 @@ class Scheduler:
 
     def _eligible(self, model: str | None) -> tuple[Server, ...]:
         """The servers ``model`` may go to now: the allowed ones that are up; if none is up
-        and none is only briefly down, the failing ones (so the request fails fast)."""
-        allowed = [s for s in self.servers if s.allows(model)]
-        up = tuple(s for s in allowed if s.health is Health.UP)
-        if up or any(s.health is Health.DOWN for s in allowed):
-            return up
-        return tuple(allowed)
+        and none is only briefly down, the failing ones (so the request fails fast).
+        Cached per model until a server's health or models change."""
+        found = self._eligible_cache.get(model)
+        if found is None:
+            allowed = [s for s in self.servers if s.allows(model)]
+            found = tuple(s for s in allowed if s.health is Health.UP)
+            if not found and not any(s.health is Health.DOWN for s in allowed):
+                found = tuple(allowed)
+            if len(self._eligible_cache) >= 10_000:  # model names come from clients
+                self._eligible_cache.clear()
+            self._eligible_cache[model] = found
+        return found
 
     def _choose(self, ticket: Ticket, servers: Sequence[Server]) -> Server:
         """Among servers with a free slot: the model loaded, then room to load it, then an
@@ -338,13 +345,7 @@ class Scheduler:
         now = self.now()
         blocked: set[Ticket] = set()  # waiting for a better fit, for this pass
         held: set[Server] = set()  # draining busy work for such a waiter
-        eligible: dict[str | None, tuple[Server, ...]] = {}
-
-        def servers_for(t: Ticket) -> tuple[Server, ...]:
-            found = eligible.get(t.model)
-            if found is None:
-                found = eligible[t.model] = self._eligible(t.model)
-            return found
+        servers_for = self._servers_for
 
         while self._queued and len(self._running) < self._capacity:
             # Usually the best waiter of all can go somewhere: no filter, no set.
@@ -377,6 +378,9 @@ class Scheduler:
                     held.add(server)
                 continue
             self._grant(ticket, server, now)
+
+    def _servers_for(self, ticket: Ticket) -> tuple[Server, ...]:
+        return self._eligible(ticket.model)
 
     def _gone(self, ticket: Ticket) -> bool:
         waiter = ticket._waiter
@@ -513,16 +517,20 @@ class Scheduler:
         server = self._by_name[name]
         if server.health is not health:
             server.health = health
+            self._eligible_cache.clear()
             self._dispatch()
 
     def refresh(self) -> None:
-        """Something the glue learned (residency, models) may let a waiter start."""
+        """The glue told the servers what they have and have loaded (``observe_known``,
+        ``observe_loaded``): where each model may go is worked out afresh."""
+        self._eligible_cache.clear()
         self._dispatch()
 
     def give_up(self, name: str, error: Callable[[], RequestError]) -> int:
         """A server has been down too long: it is failing, and the waiters that no server up
         (or only briefly down) may serve get ``error()``; returns how many."""
         self._by_name[name].health = Health.FAILING
+        self._eligible_cache.clear()
         failed = self.reject_stranded(error)
         self._dispatch()
         return failed
