@@ -181,7 +181,7 @@ class Proxy:
                 record.upstream_time = self.scheduler.now() - started
             return await self._relay(request, upstream, response, None, record, started)
         if not self.scheduler.serves(model):
-            await self.fleet.refresh()  # it may have been pulled since the last read
+            await self.fleet.refresh_recent()  # it may have been pulled since the last read
             if not self.scheduler.serves(model):
                 record.refusal = "unknown_model"
                 raise NotFound(f"model '{model}' not found")

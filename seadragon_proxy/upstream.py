@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import math
 import secrets
 from collections.abc import AsyncIterable, Mapping, Sequence
 
@@ -50,6 +51,7 @@ _SKIP_AUTO = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 PROBE_FIRST_DELAY = 0.05  # seconds; doubles up to PROBE_MAX_DELAY while Ollama is down
 PROBE_MAX_DELAY = 1.0
 RESIDENCY_INTERVAL = 10.0  # seconds between reads of every server's /api/ps and /api/tags
+UNKNOWN_MODEL_REREAD = 1.0  # seconds: at most one extra read this often for unknown models
 
 __all__ = ["Fleet", "Health", "Upstream"]
 
@@ -293,6 +295,8 @@ class Fleet:
         self._wake = asyncio.Event()
         self._refreshed = asyncio.Event()
         self.refreshes = 0  # residency reads applied so far
+        self._reading: asyncio.Future[None] | None = None  # a read for an unknown model
+        self._read_at = -math.inf
 
     def __repr__(self) -> str:
         return f"<Fleet {list(self.servers)}>"
@@ -328,10 +332,11 @@ class Fleet:
         )
 
     async def close(self) -> None:
-        if self._refresher is not None:
-            self._refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._refresher
+        for task in (self._refresher, self._reading):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for upstream in self.servers:
             await upstream.close()
         if self._session is not None:
@@ -344,6 +349,24 @@ class Fleet:
         self._refreshed.set()
         self._refreshed = asyncio.Event()
         self._scheduler.refresh()
+
+    async def refresh_recent(self) -> None:
+        """A fresh enough read for a request naming a model no server has: at most one read
+        per ``UNKNOWN_MODEL_REREAD`` seconds, shared by every request asking meanwhile, so
+        made-up model names cannot make the proxy hammer the servers."""
+        now = self._scheduler.now()
+        if self._reading is None:
+            if now - self._read_at < UNKNOWN_MODEL_REREAD:
+                return
+            self._read_at = now
+            self._reading = asyncio.ensure_future(self.refresh())
+            self._reading.add_done_callback(self._read_done)
+        await asyncio.shield(self._reading)
+
+    def _read_done(self, task: asyncio.Future[None]) -> None:
+        self._reading = None
+        if not task.cancelled():
+            task.exception()  # a failed read is a read that found nothing new
 
     async def next_refresh(self) -> None:
         """Wait for the next read of every server's residency to be applied."""

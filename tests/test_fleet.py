@@ -130,6 +130,7 @@ async def test_swaps_are_counted_and_their_cost_learned(make_fleet: FleetFactory
     assert (await fleet.generate("hi", model=B))[0] == 200
     record = (await fleet.proxy.records(1))[-1]
     assert record.server == "a" and record.swapped
+    assert record.fields()["server"] == "a" and record.fields()["swapped"] is True  # log line
     view = await queue_view(fleet)
     server = view["servers"][0]
     assert server["loaded"] == [B] and server["swaps"] == 1
@@ -271,6 +272,10 @@ async def test_a_model_no_server_may_serve_is_404_at_once(
     assert doc == {"error": f"model '{model}' not found"}
     assert fleet.fakes["a"].inference == [] and fleet.fakes["b"].inference == []
     assert fleet.scheduler.queue_length == 0
+    status, doc = await fleet.proxy.collect(
+        "/v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": "x"}]}, {}
+    )
+    assert status == 404 and doc["error"]["message"] == f"model '{model}' not found"
     assert (await fleet.generate("hi", model=B))[0] == 200  # globs: only b may serve it
     assert fleet.proxy.finished[-1].server == "b"
 
@@ -360,3 +365,15 @@ async def test_affinity_is_applied_by_a_reload(make_fleet: FleetFactory) -> None
         "config", lambda: fleet.proxy.write_config({"queue": {"affinity": {"window": 1}}})
     )
     assert ok and fleet.scheduler.affinity.window == 1 and fleet.scheduler.affinity.on
+
+
+async def test_unknown_models_do_not_make_the_proxy_hammer_the_servers(
+    make_fleet: FleetFactory,
+) -> None:
+    fleet = await make_fleet([{"name": "a"}, {"name": "b"}])
+    fake = fleet.fakes["a"]
+    before = sum(r.path == "/api/tags" for r in fake.requests)
+    answers = await asyncio.gather(*(fleet.generate("hi", model=f"made-up-{i}") for i in range(20)))
+    assert all(status == 404 for status, _ in answers)
+    reads = sum(r.path == "/api/tags" for r in fake.requests) - before
+    assert reads <= 2  # one shared read (and at most one more if a second has passed)
