@@ -335,7 +335,7 @@ class Fleet:
         for task in (self._refresher, self._reading):
             if task is not None:
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
+                with contextlib.suppress(asyncio.CancelledError, aiohttp.ClientError):
                     await task
         for upstream in self.servers:
             await upstream.close()
