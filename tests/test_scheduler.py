@@ -345,3 +345,30 @@ async def test_a_cheap_swap_buys_a_short_deferral() -> None:
     assert timer.when() - passed.passed_at == pytest.approx(3.0, abs=0.01)
     await h.finish(loaded)
     assert passed.state is State.RUNNING  # nothing else for a: the swap happens
+
+
+async def test_min_residency_keeps_a_fresh_model_preferred_when_swaps_are_cheap() -> None:
+    server = Server("a", 1, max_loaded=1)
+    server.learn_load("a:1", 0.01)
+    server.learn_load("b:1", 0.01)  # 10 x 0.02 s: cheap swaps would buy only 0.2 s
+    s = Scheduler(
+        max_size=10,
+        servers=[server],
+        affinity=Affinity(window=0, max_defer=100, min_residency=5),
+    )
+    h = Harness(s)
+    first = ticket()
+    first.model = "a:1"
+    await h.enter(first)  # the proxy loads a:1 now
+    assert first.swapped
+    passed, loaded = ticket(), ticket()
+    passed.model, loaded.model = "b:1", "a:1"
+    await h.enter(passed)
+    await h.enter(loaded)
+    await h.finish(first)
+    assert loaded.state is State.RUNNING
+    timer = passed._defer_timer
+    assert timer is not None
+    # a:1 was loaded at first.started_at and keeps preference for 5 s from then.
+    assert timer.when() == pytest.approx(first.started_at + 5, abs=0.01)
+    await h.finish(loaded)
