@@ -223,6 +223,7 @@ class Proxy:
             try:
                 return await self._relay(request, upstream, response, slot, record, started)
             finally:
+                record.swapped = ticket.swapped  # a load seen in load_duration counts too
                 if ticket.swapped:
                     self.fleet.loaded()
 

@@ -377,3 +377,18 @@ async def test_unknown_models_do_not_make_the_proxy_hammer_the_servers(
     assert all(status == 404 for status, _ in answers)
     reads = sum(r.path == "/api/tags" for r in fake.requests) - before
     assert reads <= 2  # one shared read (and at most one more if a second has passed)
+
+
+async def test_a_load_the_proxy_did_not_expect_counts_and_residency_is_read_again(
+    make_fleet: FleetFactory,
+) -> None:
+    fleet = await make_fleet([{"name": "a", "max_loaded_models": 2}], loaded={"a": [A, B]})
+    fake = fleet.fakes["a"]
+    fake.loaded = [A]  # B was unloaded on the server itself; the proxy still thinks it loaded
+    refreshed = asyncio.create_task(fleet.proxy.server.app[FLEET].next_refresh())
+    assert (await fleet.generate("hi", model=B))[0] == 200
+    record = (await fleet.proxy.records(1))[-1]
+    assert record.swapped  # seen in load_duration (2.5 s), not predicted
+    assert fleet.server("a").swaps == 1 and fleet.server("a").swap_cost == {B: LOAD_NS / 1e9}
+    await asyncio.wait_for(refreshed, 5)
+    assert fleet.server("a").loaded.keys() == {A, B}

@@ -31,6 +31,9 @@ LevelFactory = Callable[[int], LevelQueue]  # priority -> that level's queue
 # A waiter is passed over to avoid a swap for at most this many times what the swap costs
 # (loading its model, plus reloading the model it would evict), and never beyond max_defer.
 DEFER_PER_SWAP_SECOND = 10.0
+# A load_duration this long on a model the proxy thought loaded means Ollama loaded it anyway
+# (a loaded model answers with a load_duration of a few milliseconds).
+UNEXPECTED_LOAD = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +83,14 @@ class Slot:
         that is what the swap cost (learned per server and model). Before or after release."""
         ticket = self.ticket
         ticket.load_seconds = seconds
-        if ticket.swapped and ticket.model is not None:
+        if ticket.model is None:
+            return
+        if not ticket.swapped and seconds >= UNEXPECTED_LOAD:
+            # Ollama loaded it although the proxy thought it loaded (evicted behind our back,
+            # or by its own limits): a swap all the same, and the residency view was wrong.
+            ticket.swapped = True
+            self.server.swaps += 1
+        if ticket.swapped:
             self.server.learn_load(ticket.model, seconds)
 
     def release(self, tokens: float | None = None) -> None:
