@@ -392,3 +392,35 @@ async def test_a_load_the_proxy_did_not_expect_counts_and_residency_is_read_agai
     assert fleet.server("a").swaps == 1 and fleet.server("a").swap_cost == {B: LOAD_NS / 1e9}
     await asyncio.wait_for(refreshed, 5)
     assert fleet.server("a").loaded.keys() == {A, B}
+
+
+async def test_alternating_batch_and_coding_work_loads_three_times(
+    make_fleet: FleetFactory,
+) -> None:
+    """Issue 8's first bench scenario, in order only: batch work alternating two models,
+    then coding work: coding goes first, then the loaded model's batch work, then the rest."""
+    fleet = await make_fleet([{"name": "a", "max_loaded_models": 1}], AFFINITY)
+    first = asyncio.create_task(fleet.generate("gate:first", model=A, source="scripts"))
+    await fleet.proxy.watch.until(lambda: fleet.scheduler.in_flight == 1)
+    tasks = []
+    for i in range(1, 12):
+        model = B if i % 2 else A
+        tasks.append(asyncio.create_task(fleet.generate("hi", model=model, source="scripts")))
+        await fleet.proxy.watch.queued(i)
+    for i in range(4):
+        tasks.append(asyncio.create_task(fleet.generate("hi", model=B, source="coding")))
+        await fleet.proxy.watch.queued(12 + i)
+    fleet.release("first")
+    await asyncio.gather(first, *tasks)
+    order = [(t.source, t.model) for t in started(fleet)[1:]]
+    assert order == [("coding", B)] * 4 + [("scripts", B)] * 6 + [("scripts", A)] * 5
+    assert fleet.fakes["a"].loads == 3  # A, then B for the coding work, then A again
+
+
+def test_the_upstream_flag_replaces_the_fleet_with_one_server() -> None:
+    config = merge(BASE_CONFIG, {"upstreams": [{"name": "a", "url": "http://10.0.0.5:11434"}]})
+    config["upstream"].pop("slots")
+    settings = parse_settings(config, file="f.yaml", base=Path("."))
+    assert [e.name for e in settings.fleet] == ["a"]
+    one = settings.override(upstream="http://10.0.0.9:11434")
+    assert [(e.name, str(e.url)) for e in one.fleet] == [("default", "http://10.0.0.9:11434")]
