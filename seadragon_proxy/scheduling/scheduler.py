@@ -329,12 +329,13 @@ class Scheduler:
 
     def _choose(self, ticket: Ticket, servers: Sequence[Server]) -> Server:
         """Among servers with a free slot: the model loaded, then room to load it, then an
-        idle model to evict; equal fits by the cheaper load, then the most free slots."""
+        idle model to evict; equal fits by the cheaper load (a learned one before an unknown
+        one), then the most free slots, then the order of the config."""
         model = ticket.model
 
         def rank(s: Server) -> tuple[Fit, float, int]:
             cost = s.cost(model) if model is not None else None
-            return s.fit(model), cost or 0.0, -s.free
+            return s.fit(model), math.inf if cost is None else cost, -s.free
 
         return min(servers, key=rank)
 
