@@ -4,6 +4,7 @@ answer otherwise is 403, never 401 (the Ollama CLI reads 401 as "sign in to olla
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import time
@@ -17,8 +18,8 @@ from .audit import audit_note
 from .exceptions import BadRequest, DatabaseError, Forbidden, NotFound, Unavailable
 from .history import History, parse_since, summarize, timeseries
 from .httputil import client_ip
-from .scheduling import Scheduler, Ticket
-from .typedefs import HISTORY, LIVE, METRICS, SCHEDULER, UPSTREAM
+from .scheduling import Scheduler, Ticket, servers_view
+from .typedefs import FLEET, HISTORY, LIVE, METRICS, SCHEDULER, UPSTREAM
 
 
 def authorize(request: web.Request, *, metrics: bool = False) -> None:
@@ -46,6 +47,10 @@ def ticket_view(
         "client_ip": ticket.client_ip,
         "wait_time": round(ticket.waited(now), 3),
     }
+    if ticket.server is not None and not waiting:
+        view["server"] = ticket.server
+        if ticket.swapped:
+            view["swapped"] = True
     effective = scheduler.effective_priority(ticket, now)
     if waiting and effective != ticket.priority:  # aging only matters while in line
         view["effective_priority"] = round(effective, 3)
@@ -55,7 +60,7 @@ def ticket_view(
 async def queue_view(request: web.Request) -> web.Response:
     authorize(request)
     scheduler = request.app[SCHEDULER]
-    upstream = request.app[UPSTREAM]
+    upstream = request.app[UPSTREAM]  # the first server (Part 1's one)
     now = scheduler.now()
     running = []
     for ticket in scheduler.running():
@@ -71,19 +76,28 @@ async def queue_view(request: web.Request) -> web.Response:
             "running": running,
             "entries": [ticket_view(t, scheduler, now) for t in scheduler.queued()],
             "upstream": {"url": str(upstream.url), "health": upstream.health.value},
+            "servers": list(servers_view(scheduler.servers)),
         }
     )
 
 
 async def health_view(request: web.Request) -> web.Response:
+    """Asks every server at once; healthy while at least one answers. ``ollama`` is the
+    first that answered (Part 1's field); ``servers`` names each, without its URL."""
     scheduler = request.app[SCHEDULER]
-    upstream = request.app[UPSTREAM]
-    version = await upstream.probe(timeout=min(2.0, upstream.settings.connect_timeout))
-    healthy = version is not None
+    fleet = request.app[FLEET]
+    timeout = min(2.0, fleet.settings.connect_timeout)
+    versions = await asyncio.gather(*(u.probe(timeout=timeout) for u in fleet.servers))
+    answered = [v for v in versions if v is not None]
+    healthy = bool(answered)
     return web.json_response(
         {
             "status": "healthy" if healthy else "unhealthy",
-            "ollama": {"reachable": healthy, "version": version},
+            "ollama": {"reachable": healthy, "version": answered[0] if answered else None},
+            "servers": [
+                {"name": u.name, "reachable": v is not None, "version": v}
+                for u, v in zip(fleet.servers, versions, strict=True)
+            ],
             "queue_length": scheduler.queue_length,
             "in_flight": scheduler.in_flight,
         },

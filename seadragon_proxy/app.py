@@ -26,10 +26,11 @@ from .middlewares import (
 )
 from .proxy import Proxy
 from .record import Recorder
-from .scheduling import Scheduler, Ticket
+from .scheduling import Scheduler, Server, Ticket
 from .settings import Settings
 from .startcheck import StartCheck
 from .typedefs import (
+    FLEET,
     HISTORY,
     LIVE,
     METRICS,
@@ -39,7 +40,7 @@ from .typedefs import (
     START_CHECK,
     UPSTREAM,
 )
-from .upstream import Upstream
+from .upstream import Fleet
 from .watch import watch_files
 from .whitelist import WhitelistStore
 
@@ -49,13 +50,22 @@ log = structlog.get_logger("seadragon.app")
 def create_app(settings: Settings) -> web.Application:
     """Build the app from validated settings. Nothing starts until the app is run."""
     q = settings.queue
+    servers = [
+        Server(e.name, e.slots, max_loaded=e.max_loaded_models, models=e.models)
+        for e in settings.fleet
+    ]
     scheduler = Scheduler(
-        slots=settings.upstream.slots, max_size=q.max_size, max_wait=q.max_wait, aging=q.aging
+        max_size=q.max_size,
+        max_wait=q.max_wait,
+        aging=q.aging,
+        servers=servers,
+        affinity=q.affinity,
     )
     live = Live(settings, scheduler, WhitelistStore(settings.whitelist.database))
-    upstream = Upstream(settings.upstream, scheduler)
+    targets = [(s, e.url) for s, e in zip(servers, settings.fleet, strict=True)]
+    fleet = Fleet(settings.upstream, targets, scheduler)
     recorder = Recorder()
-    proxy = Proxy(live, scheduler, upstream, recorder)
+    proxy = Proxy(live, scheduler, fleet, recorder)
     scheduler.add_listener(_log_queue_event)
     metrics = Metrics(scheduler)
     recorder.listeners.append(metrics.observe)
@@ -78,12 +88,15 @@ def create_app(settings: Settings) -> web.Application:
     )
     app[LIVE] = live
     app[SCHEDULER] = scheduler
-    app[UPSTREAM] = upstream
+    app[FLEET] = fleet  # fleet.servers: name, url, healthy, allows(model) per server
+    app[UPSTREAM] = fleet.servers[0]
     app[RECORDER] = recorder
     app[PROXY] = proxy
     app[METRICS] = metrics
     app[HISTORY] = history
-    app[START_CHECK] = StartCheck([settings.upstream.url], settings.upstream.connect_timeout)
+    app[START_CHECK] = StartCheck(
+        [server.url for server in settings.fleet], settings.upstream.connect_timeout
+    )
     app.cleanup_ctx.extend(
         [
             whitelist_ctx,
@@ -123,6 +136,8 @@ def _log_queue_event(event: str, ticket: Ticket) -> None:
             client_ip=ticket.client_ip,
             source=ticket.source,
             priority=ticket.priority,
+            server=ticket.server,
+            swapped=ticket.swapped or None,
         )
 
 
@@ -152,10 +167,10 @@ async def history_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
-    upstream = app[UPSTREAM]
-    await upstream.start()
+    fleet = app[FLEET]
+    await fleet.start()
     yield
-    await upstream.close()
+    await fleet.close()
 
 
 async def start_check_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -225,11 +225,14 @@ async def _whitelist(args: argparse.Namespace, settings: Settings, out: TextIO) 
 def _check(settings: Settings, out: TextIO) -> int:
     policy = settings.policy
     print(f"{settings.file}: OK", file=out)
-    up = settings.upstream
-    slots = "slot" if up.slots == 1 else "slots"
+    fleet = settings.fleet
+    where = ", ".join(
+        f"{e.url} with {e.slots} {'slot' if e.slots == 1 else 'slots'}"
+        + (f" ({e.name})" if settings.upstreams else "")
+        for e in fleet
+    )
     print(
-        f"listening on {settings.server.host}:{settings.server.port}, "
-        f"forwarding to {up.url} with {up.slots} {slots}",
+        f"listening on {settings.server.host}:{settings.server.port}, forwarding to {where}",
         file=out,
     )
     print("sources, first match wins (lower priority number is served first):", file=out)
@@ -279,6 +282,12 @@ async def _stats(args: argparse.Namespace, settings: Settings, out: TextIO) -> i
             )
             name = "-" if g.name is None else g.name
             print(f"{name:<{width}}  " + "  ".join(f"{c:>9}" for c in cells), file=out)
+    if summary.servers:
+        print(file=out)
+        width = max(len("server"), *(len(s.name) for s in summary.servers))
+        print(f"{'server':<{width}}  {'requests':>9}  {'swaps':>9}", file=out)
+        for s in summary.servers:
+            print(f"{s.name:<{width}}  {s.requests:>9}  {s.swaps:>9}", file=out)
     return 0
 
 

@@ -27,8 +27,8 @@ from .settings import Settings, load_settings
 
 
 def _servers(settings: Settings) -> list[tuple[str, URL]]:
-    """The Ollama servers behind the proxy, by name (one today; the fleet's list later)."""
-    return [("default", settings.upstream.url)]
+    """The Ollama servers behind the proxy, by name (``upstreams:``, or the one of ``upstream``)."""
+    return [(entry.name, entry.url) for entry in settings.fleet]
 
 
 async def run(

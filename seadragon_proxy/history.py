@@ -54,12 +54,19 @@ _SCHEMA = (
         prompt_eval_count INTEGER NOT NULL,
         eval_seconds      REAL NOT NULL,
         hung_up           INTEGER NOT NULL,
-        error             TEXT
+        error             TEXT,
+        server            TEXT,               -- the Ollama server it ran on (its name)
+        swapped           INTEGER NOT NULL DEFAULT 0  -- 1: starting it loaded its model
     )
     """,
     "CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts)",
 )
-_INSERT = f"INSERT INTO requests VALUES ({', '.join('?' * 18)})"  # noqa: S608 - placeholders
+# Columns added after the first release: a database written before gets them on open.
+_ADDED = (
+    ("server", "ALTER TABLE requests ADD COLUMN server TEXT"),
+    ("swapped", "ALTER TABLE requests ADD COLUMN swapped INTEGER NOT NULL DEFAULT 0"),
+)
+_INSERT = f"INSERT INTO requests VALUES ({', '.join('?' * 20)})"  # noqa: S608 - placeholders
 
 Row = tuple[object, ...]
 
@@ -84,6 +91,7 @@ def as_row(r: RequestRecord) -> Row:
         r.status, int(r.queued), r.queue_wait, r.upstream_time, r.bytes_out,
         u.eval_count if u else 0, u.prompt_eval_count if u else 0,
         u.eval_duration_ns / 1e9 if u else 0.0, int(r.hung_up), storable(r.error),
+        r.server, int(r.swapped),
     )  # fmt: skip
 
 
@@ -93,6 +101,10 @@ async def connect(path: Path, *, create: bool = False) -> AsyncIterator[aiosqlit
     async with whitelist.connect(path, create=create, what="database") as db:
         for statement in _SCHEMA:
             await db.execute(statement)
+        columns = {row[1] for row in await db.execute_fetchall("PRAGMA table_info(requests)")}
+        for column, statement in _ADDED:
+            if column not in columns:
+                await db.execute(statement)
         yield db
 
 
@@ -241,11 +253,22 @@ class GroupStats:
 
 
 @dataclass(frozen=True, slots=True)
+class ServerStats:
+    name: str
+    requests: int
+    swaps: int  # requests whose start loaded their model there
+
+    def as_dict(self) -> dict[str, object]:
+        return {"server": self.name, "requests": self.requests, "swaps": self.swaps}
+
+
+@dataclass(frozen=True, slots=True)
 class Summary:
     since: float
     until: float
     sources: Sequence[GroupStats]
     models: Sequence[GroupStats]
+    servers: Sequence[ServerStats] = ()
 
     def as_dict(self) -> dict[str, object]:
         def iso(t: float) -> str:
@@ -258,6 +281,7 @@ class Summary:
             "until": iso(self.until),
             "sources": [g.as_dict("source") for g in self.sources],
             "models": [g.as_dict("model") for g in self.models],
+            "servers": [g.as_dict() for g in self.servers],
         }
 
 
@@ -308,11 +332,17 @@ async def summarize(path: Path, since: float, until: float | None = None) -> Sum
     """Counts, waits, tokens and errors per source and per model since ``since``."""
     end = time.time() if until is None else until
     async with connect(path) as db:
+        servers = await db.execute_fetchall(
+            "SELECT server, COUNT(*), SUM(swapped) FROM requests WHERE ts >= ? AND ts < ? "
+            "AND server IS NOT NULL GROUP BY server ORDER BY server",
+            (since, end),
+        )
         return Summary(
             since,
             end,
             await _groups(db, "source", since, end),
             await _groups(db, "model", since, end),
+            [ServerStats(name, count, swaps or 0) for name, count, swaps in servers],
         )
 
 

@@ -22,7 +22,7 @@ from .whitelist import WhitelistStore
 log = structlog.get_logger("seadragon.live")
 
 # Sections that only take effect at start-up; an edit to them is reported, not applied.
-RESTART_ONLY = ("server", "upstream", "whitelist", "admin", "log", "history")
+RESTART_ONLY = ("server", "upstream", "upstreams", "whitelist", "admin", "log", "history")
 
 ReloadListener = Callable[[str, bool], None]  # (what: "config" | "whitelist", ok)
 
@@ -63,7 +63,9 @@ class Live:
             kept = {name: getattr(old, name) for name in RESTART_ONLY}
             self.settings = replace(new, **kept)
             q = self.settings.queue
-            self._scheduler.reconfigure(max_size=q.max_size, max_wait=q.max_wait, aging=q.aging)
+            self._scheduler.reconfigure(
+                max_size=q.max_size, max_wait=q.max_wait, aging=q.aging, affinity=q.affinity
+            )
             log.info(
                 "config_reloaded",
                 file=str(path),

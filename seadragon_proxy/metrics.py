@@ -13,12 +13,12 @@ from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .record import RequestRecord
 from .routes import INFERENCE_PATHS, JSON_PATHS
-from .scheduling import Scheduler
+from .scheduling import Health, Scheduler
 
 KNOWN_ROUTES = INFERENCE_PATHS | JSON_PATHS | {
     "/", "/api/version", "/api/tags", "/api/ps", "/api/me", "/api/signout", "/v1/models",
@@ -59,6 +59,40 @@ class QueueCollector(Collector):
         slots = GaugeMetricFamily("seadragon_slots", "Requests Ollama may run at once.")
         slots.add_metric([], self.scheduler.slots)
         yield from (queue, busy, slots)
+        yield from self._servers()
+
+    def _servers(self) -> Iterable[Metric]:
+        """Per server (label = its configured name, so bounded by the config file)."""
+        label = ["server"]
+        up = GaugeMetricFamily("seadragon_server_up", "1 if the server answers.", labels=label)
+        slots = GaugeMetricFamily(
+            "seadragon_server_slots", "Requests the server may run at once.", labels=label
+        )
+        busy = GaugeMetricFamily(
+            "seadragon_server_in_flight", "Requests at the server now.", labels=label
+        )
+        loaded = GaugeMetricFamily(
+            "seadragon_server_loaded_models", "Models the proxy knows loaded there.", labels=label
+        )
+        swaps = CounterMetricFamily(
+            "seadragon_model_swaps", "Requests whose start loaded their model.", labels=label
+        )
+        cost = GaugeMetricFamily(
+            "seadragon_swap_cost_seconds",
+            "Learned time to load a model on a server (from load_duration).",
+            labels=["server", "model"],
+        )
+        for server in self.scheduler.servers:
+            name = [server.name]
+            up.add_metric(name, 1 if server.health is Health.UP else 0)
+            slots.add_metric(name, server.slots)
+            busy.add_metric(name, len(server.running))
+            loaded.add_metric(name, len(server.loaded))
+            swaps.add_metric(name, server.swaps)
+            # Models only appear here once a server loaded them for a request it answered.
+            for model, seconds in sorted(server.swap_cost.items()):
+                cost.add_metric([server.name, model], seconds)
+        yield from (up, slots, busy, loaded, swaps, cost)
 
 
 class Metrics:

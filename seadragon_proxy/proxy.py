@@ -28,7 +28,8 @@ from .bodies import (
     write_within,
 )
 from .defaults import ROUTES as DEFAULT_ROUTES
-from .exceptions import Forbidden, LoopDetected, UpstreamTimeout, UpstreamUnavailable
+from .exceptions import Forbidden, LoopDetected, NotFound, UpstreamTimeout, UpstreamUnavailable
+from .fleetmeta import SERVER_HEADER, fleet_metadata
 from .httputil import broke_off_words, client_ip, client_label, not_whitelisted, request_id
 from .live import Live
 from .logs import bind_request
@@ -39,7 +40,7 @@ from .record import Recorder, RequestRecord
 from .routes import Route, classify
 from .scheduling import Scheduler, Slot, Ticket
 from .settings import Settings
-from .upstream import Health, Upstream, looped, request_headers, response_headers
+from .upstream import Fleet, Health, Upstream, looped, request_headers, response_headers
 from .usage import UsageTail
 
 SHUTDOWN_MESSAGE = "seadragon-proxy is shutting down"
@@ -69,12 +70,10 @@ def stream_error_line(content_type: str, message: str, after: bytes = b"") -> by
 class Proxy:
     """Holds what the handler needs; ``handle`` is the aiohttp handler."""
 
-    def __init__(
-        self, live: Live, scheduler: Scheduler, upstream: Upstream, recorder: Recorder
-    ) -> None:
+    def __init__(self, live: Live, scheduler: Scheduler, fleet: Fleet, recorder: Recorder) -> None:
         self.live = live
         self.scheduler = scheduler
-        self.upstream = upstream
+        self.fleet = fleet
         self.recorder = recorder
         self.active: set[asyncio.Task[object]] = set()
         self.stopping = False
@@ -127,7 +126,8 @@ class Proxy:
     ) -> web.StreamResponse:
         if looped(request.headers):
             raise LoopDetected(
-                f"request loop: upstream.url ({self.upstream.url}) leads back to this proxy; "
+                f"request loop: the upstream ({self.fleet.first_healthy().url}) leads back to "
+                "this proxy; "
                 "point it at Ollama"
             )
         whitelisted = ip is not None and ip in self.live.whitelist
@@ -171,12 +171,31 @@ class Proxy:
             if request.content_length is not None:
                 headers["Content-Length"] = str(request.content_length)
         if not route.queued:
+            if (
+                len(self.fleet.servers) > 1
+            ):  # tags/ps as unions, show, pull onto each, one for the rest
+                answer = await fleet_metadata(
+                    request, self.fleet.servers, self.fleet.session, body=body, headers=headers
+                )
+                if answer is not None:
+                    record.server = answer.headers.get(SERVER_HEADER)
+                    record.status = answer.status
+                    return answer
+            upstream = self.fleet.first_healthy()
+            record.server = upstream.name
             started = self.scheduler.now()
             try:
-                response = await self._send(request, route, headers, data, retry=body is not None)
+                response = await self._send(
+                    upstream, request, route, headers, data, retry=body is not None
+                )
             finally:
                 record.upstream_time = self.scheduler.now() - started
-            return await self._relay(request, response, None, record, started)
+            return await self._relay(request, upstream, response, None, record, started)
+        if not self.scheduler.serves(model):
+            await self.fleet.refresh_recent()  # it may have been pulled since the last read
+            if not self.scheduler.serves(model):
+                record.refusal = "unknown_model"
+                raise NotFound(f"model '{model}' not found")
         ticket = Ticket(
             id=record.id,
             source=source.name,
@@ -195,12 +214,14 @@ class Proxy:
                 if ticket.enqueued_at:
                     record.queue_wait = self.scheduler.now() - ticket.enqueued_at
             started = ticket.started_at
+            upstream = self.fleet.get(slot.server.name)
+            record.server, record.swapped = upstream.name, ticket.swapped
             try:
-                response = await self._send(request, route, headers, data, retry=False)
+                response = await self._send(upstream, request, route, headers, data, retry=False)
             except UpstreamUnavailable as e:
                 slot.release()
-                if not e.reached and self.upstream.health is Health.DOWN:
-                    continue  # Ollama is restarting: wait for it, keeping our place
+                if not e.reached and upstream.health is Health.DOWN:
+                    continue  # that server is restarting: keep our place, maybe go elsewhere
                 if e.reached and not retried:
                     retried = True  # a stale keep-alive connection, or a restart: once more
                     continue
@@ -210,7 +231,12 @@ class Proxy:
                 raise
             finally:
                 record.upstream_time = self.scheduler.now() - started
-            return await self._relay(request, response, slot, record, started)
+            try:
+                return await self._relay(request, upstream, response, slot, record, started)
+            finally:
+                record.swapped = ticket.swapped  # a load seen in load_duration counts too
+                if ticket.swapped:
+                    self.fleet.loaded()
 
     @staticmethod
     def _not_whitelisted(record: RequestRecord, source: Source, ip: IPAddress | None) -> Forbidden:
@@ -220,6 +246,7 @@ class Proxy:
 
     async def _send(
         self,
+        upstream: Upstream,
         request: web.Request,
         route: Route,
         headers: CIMultiDict[str],
@@ -228,7 +255,7 @@ class Proxy:
         retry: bool,
     ) -> aiohttp.ClientResponse:
         """Send upstream; with ``retry``, once more if Ollama hung up before answering."""
-        send = self.upstream.send
+        send = upstream.send
         try:
             return await send(request.method, route.path, request.query_string, headers, data)
         except UpstreamUnavailable as e:
@@ -239,6 +266,7 @@ class Proxy:
     async def _relay(
         self,
         request: web.Request,
+        server: Upstream,
         upstream: aiohttp.ClientResponse,
         slot: Slot | None,
         record: RequestRecord,
@@ -268,7 +296,9 @@ class Proxy:
                 try:
                     chunk = await content.readany()
                 except (aiohttp.ClientError, TimeoutError) as e:
-                    await self._fail_stream(request, response, upstream, record, e, sent_end)
+                    await self._fail_stream(
+                        request, server, response, upstream, record, e, sent_end
+                    )
                     return response
                 if not chunk:
                     break
@@ -284,6 +314,9 @@ class Proxy:
             record.upstream_time = self.scheduler.now() - started
             if tail is not None:
                 record.usage = tail.usage()
+                usage = record.usage
+                if slot is not None and usage is not None and usage.load_duration_ns:
+                    slot.report_load(usage.load_duration_ns / 1e9)  # teaches the swap cost
             await response.write_eof()
             return response
         except asyncio.CancelledError:
@@ -321,6 +354,7 @@ class Proxy:
     async def _fail_stream(
         self,
         request: web.Request,
+        server: Upstream,
         response: web.StreamResponse,
         upstream: aiohttp.ClientResponse,
         record: RequestRecord,
@@ -330,12 +364,12 @@ class Proxy:
         """Ollama broke off mid-stream: one error line in the stream's framing, then the end."""
         if isinstance(error, TimeoutError):
             message = (
-                f"Ollama at {self.upstream.url} sent nothing for upstream.idle_timeout "
-                f"({self.upstream.settings.idle_timeout:g} s)"
+                f"Ollama at {server.url} sent nothing for upstream.idle_timeout "
+                f"({server.settings.idle_timeout:g} s)"
             )
             record.upstream_error = "timeout"
         else:
-            message = f"Ollama at {self.upstream.url} {broke_off_words(error)}"
+            message = f"Ollama at {server.url} {broke_off_words(error)}"
             record.upstream_error = "broke_off"
         record.error = message
         upstream.close()

@@ -36,6 +36,8 @@ class RequestRecord:
     user_agent: str | None = None
     upstream_error: str | None = None  # unreachable, timeout, broke_off, status_5xx
     pinned: str | None = None  # "num_ctx 32768->8192": what a defaults `force:` replaced
+    server: str | None = None  # the Ollama server (its name) it was sent to
+    swapped: bool = False  # starting it there loaded its model (a model swap)
 
     def fields(self) -> dict[str, object]:
         """The canonical line's key/values; zero-information fields are left out."""
@@ -52,6 +54,10 @@ class RequestRecord:
         }
         if self.refusal:
             out["refusal"] = self.refusal
+        if self.server is not None:
+            out["server"] = self.server
+        if self.swapped:
+            out["swapped"] = True
         if self.pinned:
             out["pinned"] = self.pinned
         if self.queued:  # the real wait, whether it ended in a turn, a 503 or a hang-up

@@ -113,8 +113,9 @@ async def serve(settings: Settings) -> int:
     log.info(
         "listening",
         url=server.url,
-        upstream=str(settings.upstream.url),
-        slots=settings.upstream.slots,
+        upstream=str(settings.upstream.url) if not settings.upstreams else None,
+        slots=settings.upstream.slots if not settings.upstreams else None,
+        upstreams={e.name: str(e.url) for e in settings.upstreams} or None,
         config=str(settings.file),
         sources=[s.name for s in settings.policy.sources],
         open_file_limit=open_files,

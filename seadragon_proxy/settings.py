@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hmac
 import os
+import re
 from collections.abc import Hashable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,6 +23,7 @@ from .exceptions import ConfigError
 from .netaddr import NetworkSet
 from .policy import Glob, Policy
 from .rulesfile import parse_defaults, parse_policy
+from .scheduling import Affinity
 
 MiB = 1024 * 1024
 CONFIG_ENV = "SEADRAGON_CONFIG"
@@ -87,10 +89,26 @@ class UpstreamSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ServerEntry:
+    """One Ollama server of the fleet (an entry of ``upstreams:``)."""
+
+    name: str
+    url: URL
+    slots: int = 1
+    max_loaded_models: int = 0  # 0 = not predicted by the proxy (Ollama decides)
+    models: tuple[str, ...] = ()  # globs it may serve; empty = whatever it has
+
+
+MAX_SERVERS = 64  # server names are metric labels: bounded
+_SERVER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+@dataclass(frozen=True, slots=True)
 class QueueSettings:
     max_size: int = 512
     max_wait: float = 0.0  # 0 = no limit
     aging: float = 0.0  # 0 = strict priority
+    affinity: Affinity = field(default_factory=Affinity)  # max_defer 0 = off
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +153,7 @@ class Settings:
     file: Path | None = None
     server: ServerSettings = field(default_factory=ServerSettings)
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
+    upstreams: tuple[ServerEntry, ...] = ()  # empty: one server, upstream.url
     queue: QueueSettings = field(default_factory=QueueSettings)
     whitelist: WhitelistSettings = field(default_factory=WhitelistSettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
@@ -142,6 +161,13 @@ class Settings:
     log: LogSettings = field(default_factory=LogSettings)
     history: HistorySettings = field(default_factory=HistorySettings)
     defaults: tuple[RequestDefaults, ...] = ()
+
+    @property
+    def fleet(self) -> tuple[ServerEntry, ...]:
+        """The Ollama servers: ``upstreams:``, or ``upstream:`` as a fleet of one."""
+        if self.upstreams:
+            return self.upstreams
+        return (ServerEntry("default", self.upstream.url, self.upstream.slots),)
 
     def override(
         self, *, host: str | None = None, port: int | None = None, upstream: str | None = None
@@ -152,9 +178,11 @@ class Settings:
             server = replace(server, host=host)
         if port is not None:
             server = replace(server, port=port)
-        if upstream is not None:
+        upstreams = self.upstreams
+        if upstream is not None:  # one server instead of the file's fleet
             up = replace(up, url=parse_upstream_url(upstream, "--upstream", "upstream URL"))
-        return replace(self, server=server, upstream=up)
+            upstreams = ()
+        return replace(self, server=server, upstream=up, upstreams=upstreams)
 
 
 def config_path(explicit: str | os.PathLike[str] | None) -> Path:
@@ -238,7 +266,17 @@ def parse_settings(
     env = os.environ if environ is None else environ
     top = Section(raw, file=file, key="")
     server = _server(top.section("server"))
-    upstream = _upstream(top.section("upstream"))
+    upstream_section = top.section("upstream")
+    upstream = _upstream(upstream_section)
+    upstreams = _upstreams(top, file)
+    if upstreams:
+        for key in ("url", "slots"):
+            if upstream_section.has(key):
+                upstream_section.fail(
+                    key,
+                    "is set together with upstreams:; give each server's url and slots "
+                    "there (upstream: keeps only the shared timeouts)",
+                )
     queue = _queue(top.section("queue"))
     whitelist = _whitelist(top.section("whitelist"), base)
     admin = _admin(top.section("admin"), env)
@@ -253,6 +291,7 @@ def parse_settings(
         file=Path(file),
         server=server,
         upstream=upstream,
+        upstreams=upstreams,
         queue=queue,
         whitelist=whitelist,
         admin=admin,
@@ -324,12 +363,57 @@ def _upstream(s: Section) -> UpstreamSettings:
     return result
 
 
+def _upstreams(top: Section, file: str) -> tuple[ServerEntry, ...]:
+    raw = top.get("upstreams")
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not raw:
+        top.fail("upstreams", "must be a list of servers, each with at least name and url")
+    if len(raw) > MAX_SERVERS:
+        top.fail("upstreams", f"lists {len(raw)} servers; at most {MAX_SERVERS}")
+    entries: list[ServerEntry] = []
+    for index, item in enumerate(raw):
+        s = Section(item, file=file, key=f"upstreams[{index}]")
+        if not s.has("name") or not s.has("url"):
+            s.fail(None, "needs a name and a url")
+        name = s.text("name", "")
+        if not _SERVER_NAME.match(name):
+            s.fail("name", f"must be letters, digits, '.', '_' or '-' (1-63), got {name!r}")
+        if any(e.name == name for e in entries):
+            s.fail("name", f"{name!r} is the name of an earlier server; names must differ")
+        url = parse_upstream_url(s.text("url", ""), file, s.path("url") or "url")
+        if any(e.url == url for e in entries):
+            s.fail("url", f"{url} is the url of an earlier server")
+        entries.append(
+            ServerEntry(
+                name=name,
+                url=url,
+                slots=s.integer("slots", 1, min=1, max=1024),
+                max_loaded_models=s.integer("max_loaded_models", 0, min=0, max=1024),
+                models=s.strings("models"),
+            )
+        )
+        s.done()
+    return tuple(entries)
+
+
 def _queue(s: Section) -> QueueSettings:
     d = QueueSettings()
     result = QueueSettings(
         max_size=s.integer("max_size", d.max_size, min=1),
         max_wait=s.seconds("max_wait", d.max_wait),
         aging=s.seconds("aging", d.aging),
+        affinity=_affinity(s.section("affinity")) if s.has("affinity") else Affinity(),
+    )
+    s.done()
+    return result
+
+
+def _affinity(s: Section) -> Affinity:
+    result = Affinity(
+        window=s.integer("window", 0, min=0, max=1000),
+        max_defer=s.seconds("max_defer", 120.0),
+        min_residency=s.seconds("min_residency", 20.0),
     )
     s.done()
     return result

@@ -11,11 +11,12 @@ from .proxy import Proxy
 from .record import Recorder
 from .scheduling import Scheduler
 from .startcheck import StartCheck
-from .upstream import Upstream
+from .upstream import Fleet, Upstream
 
 LIVE = web.AppKey("live", Live)
 SCHEDULER = web.AppKey("scheduler", Scheduler)
-UPSTREAM = web.AppKey("upstream", Upstream)
+UPSTREAM = web.AppKey("upstream", Upstream)  # the first server (fleet of one: the one)
+FLEET = web.AppKey("fleet", Fleet)  # every server: FLEET.servers is the read-only list
 RECORDER = web.AppKey("recorder", Recorder)
 PROXY = web.AppKey("proxy", Proxy)
 METRICS = web.AppKey("metrics", Metrics)

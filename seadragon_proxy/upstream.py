@@ -1,9 +1,10 @@
-"""The connection to Ollama: one client session, header filtering, and an up/down monitor.
+"""The connections to the Ollama servers: one client session, header filtering, and an
+up/down monitor per server, plus the background read of what each server has loaded.
 
-When Ollama refuses connections the monitor pauses the queue (waiters keep their
-places) and probes with back-off until Ollama answers; if it stays down longer
-than ``upstream.unreachable_wait`` the waiters get a 502 and later requests fail
-fast until it is back.
+When a server refuses connections its monitor marks it down (its waiters keep their
+places, and go to other servers that may serve them) and probes with back-off until it
+answers; if it stays down longer than ``upstream.unreachable_wait`` the waiters no other
+server may serve get a 502, and later requests for them fail fast until it is back.
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import enum
+import math
 import secrets
-from collections.abc import AsyncIterable, Mapping
+from collections.abc import AsyncIterable, Mapping, Sequence
 
 import aiohttp
 import structlog
@@ -21,7 +22,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from .exceptions import UpstreamTimeout, UpstreamUnavailable
-from .scheduling import Scheduler
+from .scheduling import Health, Scheduler, Server
 from .settings import UpstreamSettings
 
 log = structlog.get_logger("seadragon.upstream")
@@ -49,6 +50,10 @@ _SKIP_AUTO = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
 PROBE_FIRST_DELAY = 0.05  # seconds; doubles up to PROBE_MAX_DELAY while Ollama is down
 PROBE_MAX_DELAY = 1.0
+RESIDENCY_INTERVAL = 10.0  # seconds between reads of every server's /api/ps and /api/tags
+UNKNOWN_MODEL_REREAD = 1.0  # seconds: at most one extra read this often for unknown models
+
+__all__ = ["Fleet", "Health", "Upstream"]
 
 
 def _connection_tokens(headers: Mapping[str, str]) -> set[str]:
@@ -82,41 +87,43 @@ def response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     )
 
 
-class Health(enum.Enum):
-    UP = "up"
-    DOWN = "down"  # unreachable, queue paused, waiting up to unreachable_wait
-    FAILING = "failing"  # unreachable for longer: requests get 502 until it is back
-
-
 class Upstream:
-    """Sends requests to Ollama and keeps track of whether it is answering."""
+    """One Ollama server: where it is, what it may serve, and whether it is answering.
 
-    def __init__(self, settings: UpstreamSettings, scheduler: Scheduler) -> None:
-        self.settings = settings
-        self.url = settings.url
+    ``name``, ``url``, ``healthy`` and ``allows(model)`` are the read-only view other
+    modules use (``Fleet.servers``); ``send`` and ``probe`` go through the fleet's session.
+    """
+
+    def __init__(
+        self,
+        settings: UpstreamSettings,
+        server: Server,
+        url: URL,
+        scheduler: Scheduler,
+        fleet: Fleet,
+    ) -> None:
+        self.settings = settings  # timeouts and unreachable_wait, shared by the fleet
+        self.server = server
+        self.name = server.name
+        self.url = url
         self._scheduler = scheduler
-        self._session: aiohttp.ClientSession | None = None
-        self.health = Health.UP
+        self._fleet = fleet
         self._prober: asyncio.Task[None] | None = None
         self._window: asyncio.TimerHandle | None = None
 
     def __repr__(self) -> str:
-        return f"<Upstream {self.url} {self.health.value}>"
+        return f"<Upstream {self.name} {self.url} {self.health.value}>"
 
-    async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=10)
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(
-                total=None,
-                sock_connect=self.settings.connect_timeout,
-                sock_read=self.settings.idle_timeout,
-            ),
-            auto_decompress=False,
-            skip_auto_headers=_SKIP_AUTO,
-            # A proxy keeps no cookies: one client's must never be sent on another's behalf.
-            cookie_jar=aiohttp.DummyCookieJar(),
-        )
+    @property
+    def health(self) -> Health:
+        return self.server.health
+
+    @property
+    def healthy(self) -> bool:
+        return self.server.health is Health.UP
+
+    def allows(self, model: str | None) -> bool:
+        return self.server.allows(model)
 
     async def close(self) -> None:
         if self._window is not None:
@@ -125,16 +132,13 @@ class Upstream:
             self._prober.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._prober
-        if self._session is not None:
-            await self._session.close()
 
     @property
     def session(self) -> aiohttp.ClientSession:
-        assert self._session is not None, "Upstream.start() was not awaited"
-        return self._session
+        return self._fleet.session
 
     def target(self, path: str, query_string: str) -> URL:
-        """Ollama's URL for ``path``; a path prefix in ``upstream.url`` is kept."""
+        """Ollama's URL for ``path``; a path prefix in the server's URL is kept."""
         base = self.url.path.rstrip("/")
         return self.url.with_path(base + path, encoded=False).with_query(query_string or None)
 
@@ -203,16 +207,32 @@ class Upstream:
         version = doc.get("version") if isinstance(doc, dict) else None
         return version if isinstance(version, str) else "unknown"
 
+    async def get_json(self, path: str, timeout: float) -> object | None:
+        """A small metadata answer (``/api/ps``, ``/api/tags``), or ``None`` if none came."""
+        try:
+            async with asyncio.timeout(timeout):
+                async with self.session.get(self.target(path, "")) as response:
+                    if response.status != 200:
+                        return None
+                    doc: object = await response.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            return None
+        return doc
+
     # -- up / down ---------------------------------------------------------------------
+
+    def _set(self, health: Health) -> None:
+        self._scheduler.set_health(self.name, health)
 
     def report_unreachable(self) -> None:
         if self.health is not Health.UP:
             return
         wait = self.settings.unreachable_wait
-        log.warning("upstream_unreachable", upstream=str(self.url), waiting_seconds=wait)
+        log.warning(
+            "upstream_unreachable", server=self.name, upstream=str(self.url), waiting_seconds=wait
+        )
         if wait > 0:
-            self.health = Health.DOWN
-            self._scheduler.pause()
+            self._set(Health.DOWN)  # its waiters wait, or go to servers that are up
             # Timer and probe run in a fresh context: their log lines are not the request's.
             self._window = asyncio.get_running_loop().call_later(
                 wait, self._give_up, context=contextvars.Context()
@@ -221,27 +241,26 @@ class Upstream:
             self._give_up()
         if self._prober is None or self._prober.done():
             self._prober = asyncio.create_task(
-                self._probe_until_up(), name="upstream-probe", context=contextvars.Context()
+                self._probe_until_up(),
+                name=f"upstream-probe-{self.name}",
+                context=contextvars.Context(),
             )
 
     def _give_up(self) -> None:
         self._window = None
-        self.health = Health.FAILING
         message = f"Ollama at {self.url} is unreachable"
-        failed = self._scheduler.reject_waiting(lambda: UpstreamUnavailable(message))
-        self._scheduler.resume()
-        log.error("upstream_down", upstream=str(self.url), rejected=failed)
+        failed = self._scheduler.give_up(self.name, lambda: UpstreamUnavailable(message))
+        log.error("upstream_down", server=self.name, upstream=str(self.url), rejected=failed)
 
     def report_ok(self) -> None:
         if self.health is Health.UP:
             return
         was = self.health
-        self.health = Health.UP
         if self._window is not None:
             self._window.cancel()
             self._window = None
-        self._scheduler.resume()
-        log.info("upstream_back", upstream=str(self.url), was=was.value)
+        self._set(Health.UP)
+        log.info("upstream_back", server=self.name, upstream=str(self.url), was=was.value)
 
     async def _probe_until_up(self) -> None:
         """Back-off reconnects while Ollama is down: the one place that must retry on a
@@ -252,3 +271,157 @@ class Upstream:
             if await self.probe() is not None:
                 return
             delay = min(delay * 2, PROBE_MAX_DELAY)
+
+
+class Fleet:
+    """Every Ollama server (``servers``, in the configured order) and the one client session.
+
+    Residency: what each server has loaded is read from ``/api/ps`` (and what it has, from
+    ``/api/tags``) at start, after a request of ours loaded a model, and every
+    ``RESIDENCY_INTERVAL`` seconds for changes made outside the proxy; between reads the
+    scheduler keeps track of what it sent where.
+    """
+
+    def __init__(
+        self,
+        settings: UpstreamSettings,
+        targets: Sequence[tuple[Server, URL]],
+        scheduler: Scheduler,
+    ) -> None:
+        self.settings = settings
+        self._scheduler = scheduler
+        self.servers: tuple[Upstream, ...] = tuple(
+            Upstream(settings, server, url, scheduler, self) for server, url in targets
+        )
+        self._by_name = {u.name: u for u in self.servers}
+        self._session: aiohttp.ClientSession | None = None
+        self._refresher: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._refreshed = asyncio.Event()
+        self.refreshes = 0  # residency reads applied so far
+        self._reading: asyncio.Future[None] | None = None  # a read for an unknown model
+        self._read_at = -math.inf
+
+    def __repr__(self) -> str:
+        return f"<Fleet {list(self.servers)}>"
+
+    def get(self, name: str) -> Upstream:
+        return self._by_name[name]
+
+    def first_healthy(self) -> Upstream:
+        """Where the routes that are not queued go for now: the first server that is up."""
+        return next((u for u in self.servers if u.healthy), self.servers[0])
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        assert self._session is not None, "Fleet.start() was not awaited"
+        return self._session
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=10)
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(
+                total=None,
+                sock_connect=self.settings.connect_timeout,
+                sock_read=self.settings.idle_timeout,
+            ),
+            auto_decompress=False,
+            skip_auto_headers=_SKIP_AUTO,
+            # A proxy keeps no cookies: one client's must never be sent on another's behalf.
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+        self._refresher = asyncio.create_task(
+            self._refresh_forever(), name="residency-refresh", context=contextvars.Context()
+        )
+
+    async def close(self) -> None:
+        for task in (self._refresher, self._reading):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, aiohttp.ClientError):
+                    await task
+        for upstream in self.servers:
+            await upstream.close()
+        if self._session is not None:
+            await self._session.close()
+
+    async def refresh(self) -> None:
+        """Read every server's ``/api/ps`` and ``/api/tags`` at once; tell the scheduler."""
+        await asyncio.gather(*(self._refresh_one(u) for u in self.servers))
+        self.refreshes += 1
+        self._refreshed.set()
+        self._refreshed = asyncio.Event()
+        self._scheduler.refresh()
+
+    async def refresh_recent(self) -> None:
+        """A fresh enough read for a request naming a model no server has: at most one read
+        per ``UNKNOWN_MODEL_REREAD`` seconds, shared by every request asking meanwhile, so
+        made-up model names cannot make the proxy hammer the servers."""
+        now = self._scheduler.now()
+        if self._reading is None:
+            if now - self._read_at < UNKNOWN_MODEL_REREAD:
+                return
+            self._read_at = now
+            self._reading = asyncio.ensure_future(self.refresh())
+            self._reading.add_done_callback(self._read_done)
+        await asyncio.shield(self._reading)
+
+    def _read_done(self, task: asyncio.Future[None]) -> None:
+        self._reading = None
+        if not task.cancelled():
+            task.exception()  # a failed read is a read that found nothing new
+
+    async def next_refresh(self) -> None:
+        """Wait for the next read of every server's residency to be applied."""
+        await self._refreshed.wait()
+
+    async def _refresh_one(self, upstream: Upstream) -> None:
+        timeout = min(3.0, self.settings.connect_timeout + 1)
+        ps, tags = await asyncio.gather(
+            upstream.get_json("/api/ps", timeout), upstream.get_json("/api/tags", timeout)
+        )
+        now = self._scheduler.now()
+        loaded = _model_names(ps)
+        if loaded is not None:
+            upstream.server.observe_loaded(loaded, now)
+        known = _model_names(tags)
+        if known is not None:
+            upstream.server.observe_known(known)
+
+    @property
+    def tracks_residency(self) -> bool:
+        """Whether residency can change a decision: several servers, a server with
+        ``max_loaded_models`` or ``models``, or affinity. A plain fleet of one (Part 1)
+        never asks Ollama anything but what its clients ask."""
+        return (
+            len(self.servers) > 1
+            or self._scheduler.affinity.on
+            or any(u.server.max_loaded or u.server.patterns for u in self.servers)
+        )
+
+    def loaded(self) -> None:
+        """A request of ours loaded a model: read /api/ps now (what did Ollama evict?)."""
+        self._wake.set()
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            self._wake.clear()
+            if self.tracks_residency:
+                await self.refresh()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(RESIDENCY_INTERVAL):
+                    await self._wake.wait()
+
+
+def _model_names(doc: object) -> list[str] | None:
+    """The ``name`` (or ``model``) of each entry of an Ollama ``{"models": [...]}`` answer."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("models"), list):
+        return None
+    names = []
+    for entry in doc["models"]:
+        if isinstance(entry, dict):
+            name = entry.get("name") or entry.get("model")
+            if isinstance(name, str) and name:
+                names.append(name)
+    return names

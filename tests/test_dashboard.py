@@ -292,3 +292,19 @@ async def test_chart_draws_one_series_per_source(proxy: Proxy, browser: Browser)
     for source, count in sent.items():
         row = page.locator(f"#stats-sources-body tr[data-source='{source}']")
         await expect(row.locator("[data-col=requests]")).to_have_text(str(count))
+
+
+async def test_servers_panel_shows_slots_loaded_models_and_swaps(
+    proxy: Proxy, browser: Browser
+) -> None:
+    """Each server's health, running / slots, loaded models and swap count, from the queue view."""
+    assert (await proxy.generate("hello"))[0] == 200  # the proxy now knows MODEL is loaded
+    dashboard = await open_dashboard(browser, proxy)
+    row = dashboard.page.get_by_test_id("server-row")
+    await expect(row).to_have_count(1)
+    await expect(row.locator("[data-col=name]")).to_have_text("default")
+    await expect(row.locator("[data-col=health]")).to_have_text("up")
+    await expect(row.locator("[data-col=running]")).to_have_text("0 / 1")
+    await expect(row.locator("[data-col=loaded]")).to_have_text(MODEL)
+    await expect(row.locator("[data-col=swaps]")).to_have_text("1")
+    assert dashboard.console_errors == [] and dashboard.page_errors == []

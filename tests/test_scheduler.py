@@ -8,7 +8,16 @@ import itertools
 import pytest
 
 from seadragon_proxy.exceptions import QueueFull, QueueTimeout, ShuttingDown, UpstreamUnavailable
-from seadragon_proxy.scheduling import Scheduler, Slot, State, Ticket
+from seadragon_proxy.scheduling import (
+    Affinity,
+    Fit,
+    Health,
+    Scheduler,
+    Server,
+    Slot,
+    State,
+    Ticket,
+)
 
 _ids = itertools.count()
 
@@ -258,3 +267,108 @@ async def test_release_while_a_waiter_is_being_cancelled_skips_it() -> None:
     await h.tasks[next_one]
     assert h.granted == [first, next_one]
     assert (s.in_flight, s.queue_length) == (1, 0)
+
+
+async def test_a_fleet_keeps_slots_per_server_and_sends_work_where_it_is_allowed() -> None:
+    a = Server("a", 1, models=["m"])
+    b = Server("b", 2)
+    s = Scheduler(max_size=100, servers=[a, b])
+    h = Harness(s)
+    only_b = [ticket() for _ in range(3)]
+    for t in only_b:
+        t.model = "other"  # a may not serve it
+        await h.enter(t)
+    assert [t.server for t in h.granted] == ["b", "b"] and s.queue_length == 1
+    m = ticket()
+    await h.enter(m)  # a is free and allows m: it does not wait behind the b work
+    assert m.server == "a" and s.in_flight == 3
+    await h.finish(only_b[0])
+    assert only_b[2].server == "b" and s.queue_length == 0
+    assert len(a.running) == 1 and len(b.running) == 2
+
+
+async def test_a_down_server_gets_no_work_and_its_waiters_resume_elsewhere() -> None:
+    a, b = Server("a", 1), Server("b", 1)
+    s = Scheduler(max_size=100, servers=[a, b])
+    h = Harness(s)
+    s.set_health("a", Health.DOWN)
+    first, second = ticket(), ticket()
+    await h.enter(first)
+    await h.enter(second)
+    assert first.server == "b" and second.state is State.QUEUED
+    s.set_health("a", Health.UP)
+    await asyncio.sleep(0)
+    assert second.server == "a"
+    await h.finish(first)
+    await h.finish(second)
+    s.set_health("a", Health.FAILING)
+    s.set_health("b", Health.DOWN)
+    waits = ticket()
+    await h.enter(waits)  # b may be back soon: wait for it rather than fail on a
+    assert waits.state is State.QUEUED
+    assert s.give_up("b", lambda: UpstreamUnavailable("gone")) == 1
+    with pytest.raises(UpstreamUnavailable):
+        await h.tasks[waits]
+    stranded = ticket()
+    await h.enter(stranded)  # every server failing: it goes, to fail fast there
+    assert stranded.state is State.RUNNING and stranded.server == "a"
+
+
+def test_a_server_knows_llama3_as_llama3_latest() -> None:
+    server = Server("a", 1, max_loaded=1, models=["llama3*"])
+    server.observe_known(["llama3:latest", "qwen:7b"])
+    server.observe_loaded(["llama3:latest"], 0.0)
+    assert server.allows("llama3") and not server.allows("qwen:7b")
+    assert server.fit("llama3") is Fit.LOADED and server.has_loaded("llama3")
+    assert "llama3" in server.loaded_names()
+
+
+async def test_a_cheap_swap_buys_a_short_deferral() -> None:
+    server = Server("a", 1, max_loaded=1)
+    server.observe_loaded(["a:1"], 0.0)
+    server.learn_load("a:1", 0.1)
+    server.learn_load("b:1", 0.2)  # learned earlier: both loads are cheap
+    s = Scheduler(max_size=10, servers=[server], affinity=Affinity(window=0, max_defer=100))
+    h = Harness(s)
+    running = ticket()
+    running.model = "a:1"
+    await h.enter(running)
+    passed, loaded = ticket(), ticket()
+    passed.model, loaded.model = "b:1", "a:1"
+    await h.enter(passed)
+    await h.enter(loaded)
+    await h.finish(running)
+    assert loaded.state is State.RUNNING and passed.state is State.QUEUED
+    timer = passed._defer_timer
+    assert timer is not None
+    # 10 x (0.2 s to load b + 0.1 s to reload a) = 3 s, far below max_defer's 100 s.
+    assert timer.when() - passed.passed_at == pytest.approx(3.0, abs=0.01)
+    await h.finish(loaded)
+    assert passed.state is State.RUNNING  # nothing else for a: the swap happens
+
+
+async def test_min_residency_keeps_a_fresh_model_preferred_when_swaps_are_cheap() -> None:
+    server = Server("a", 1, max_loaded=1)
+    server.learn_load("a:1", 0.01)
+    server.learn_load("b:1", 0.01)  # 10 x 0.02 s: cheap swaps would buy only 0.2 s
+    s = Scheduler(
+        max_size=10,
+        servers=[server],
+        affinity=Affinity(window=0, max_defer=100, min_residency=5),
+    )
+    h = Harness(s)
+    first = ticket()
+    first.model = "a:1"
+    await h.enter(first)  # the proxy loads a:1 now
+    assert first.swapped
+    passed, loaded = ticket(), ticket()
+    passed.model, loaded.model = "b:1", "a:1"
+    await h.enter(passed)
+    await h.enter(loaded)
+    await h.finish(first)
+    assert loaded.state is State.RUNNING
+    timer = passed._defer_timer
+    assert timer is not None
+    # a:1 was loaded at first.started_at and keeps preference for 5 s from then.
+    assert timer.when() == pytest.approx(first.started_at + 5, abs=0.01)
+    await h.finish(loaded)

@@ -1,12 +1,28 @@
-"""Who goes next, and where: the queue in front of the Ollama slots. No aiohttp here.
+"""Who goes next, and where: the queue in front of the Ollama servers. No aiohttp here.
 
 - ``ticket.py``    one request's place in line
 - ``levels.py``    the waiters of one priority level, in the order that level serves them
-- ``scheduler.py`` the slots; the levels compared by (aged) priority; the next one woken
+- ``servers.py``   one Ollama server: slots, loaded models, learned swap costs, health
+- ``scheduler.py`` the levels compared by (aged) priority, affinity, the dispatch loop
 """
 
 from .levels import FifoLevel, LevelQueue
-from .scheduler import Listener, Scheduler, Slot
+from .scheduler import Affinity, LevelFactory, Listener, Scheduler, Slot
+from .servers import Fit, Health, Server, servers_view
 from .ticket import State, Ticket
 
-__all__ = ["FifoLevel", "LevelQueue", "Listener", "Scheduler", "Slot", "State", "Ticket"]
+__all__ = [
+    "Affinity",
+    "FifoLevel",
+    "Fit",
+    "Health",
+    "LevelFactory",
+    "LevelQueue",
+    "Listener",
+    "Scheduler",
+    "Server",
+    "Slot",
+    "State",
+    "Ticket",
+    "servers_view",
+]

@@ -1,9 +1,13 @@
-"""The priority queue in front of Ollama's slots: who goes next, woken exactly on their turn.
+"""Who goes next, and where: the priority queue in front of the Ollama servers' slots.
 
-One ``LevelQueue`` per priority (levels.py decides the order inside a level) and ``slots``
-tokens. Across levels the heads compare by ``(key, seq)``: strict priority, or aged
-priority with ``queue.aging``. A finished request hands its slot straight to the best
-waiter by resolving that waiter's future: no polling, no worker hop. No aiohttp here.
+One ``LevelQueue`` per priority (levels.py decides the order inside a level) and a list of
+``Server`` (servers.py: slots, residency, swap costs, health). Across levels the heads
+compare by ``(key, seq)``: strict priority, or aged priority with ``queue.aging``. When a
+slot frees anywhere, or a request arrives, ``_dispatch`` gives each free slot the best
+waiter that server may serve, preferring a server that has the model loaded, then one that
+can load it without evicting busy work; with ``queue.affinity`` a server may pass over the
+best waiter for loaded-model work within ``window`` levels, for a bounded time. A waiter is
+woken by resolving its future: no polling, no worker hop. No aiohttp here.
 """
 
 from __future__ import annotations
@@ -12,13 +16,51 @@ import asyncio
 import heapq
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
 
 from ..exceptions import QueueFull, QueueTimeout, RequestError
-from .levels import FifoLevel, LevelQueue
+from .levels import FifoLevel, LevelQueue, ModelFilter
+from .servers import Fit, Health, Server, canonical
 from .ticket import State, Ticket
 
 Listener = Callable[[str, Ticket], None]  # event is "queued", "started", "finished" or "dropped"
+LevelFactory = Callable[[int], LevelQueue]  # priority -> that level's queue
+
+# A waiter is passed over to avoid a swap for at most this many times what the swap costs
+# (loading its model, plus reloading the model it would evict), and never beyond max_defer.
+DEFER_PER_SWAP_SECOND = 10.0
+# A load_duration this long on a model the proxy thought loaded means Ollama loaded it anyway
+# (a loaded model answers with a load_duration of a few milliseconds).
+UNEXPECTED_LOAD = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class Affinity:
+    """``queue.affinity``: reorder within ``window`` levels to avoid model swaps."""
+
+    window: int = 0
+    max_defer: float = 0.0  # 0 = off: the strict (or aged) priority order exactly
+    min_residency: float = 0.0
+
+    @property
+    def on(self) -> bool:
+        return self.max_defer > 0
+
+
+def _fifo(priority: int) -> LevelQueue:
+    return FifoLevel()
+
+
+def _waits_for(
+    blocked: set[Ticket],
+    free: set[Server],
+    servers_for: Callable[[Ticket], tuple[Server, ...]],
+    ticket: Ticket,
+) -> bool:
+    """May ``ticket`` go to one of the ``free`` servers (and is it not held back)?"""
+    return ticket not in blocked and any(s in free for s in servers_for(ticket))
 
 
 class Slot:
@@ -30,6 +72,26 @@ class Slot:
         self._scheduler = scheduler
         self.ticket = ticket
         self._released = False
+
+    @property
+    def server(self) -> Server:
+        """The server this slot is on: send the request there."""
+        return self._scheduler.server(self.ticket.server)
+
+    def report_load(self, seconds: float) -> None:
+        """Ollama's ``load_duration`` for this request: if starting it loaded its model,
+        that is what the swap cost (learned per server and model). Before or after release."""
+        ticket = self.ticket
+        ticket.load_seconds = seconds
+        if ticket.model is None:
+            return
+        if not ticket.swapped and seconds >= UNEXPECTED_LOAD:
+            # Ollama loaded it although the proxy thought it loaded (evicted behind our back,
+            # or by its own limits): a swap all the same, and the residency view was wrong.
+            ticket.swapped = True
+            self.server.swaps += 1
+        if ticket.swapped:
+            self.server.learn_load(ticket.model, seconds)
 
     def release(self, tokens: float | None = None) -> None:
         """``tokens``: what the request really cost (prompt + weighted output), if known."""
@@ -43,7 +105,7 @@ class Slot:
 
 
 class Scheduler:
-    """Grants at most ``slots`` tickets at once, best key first.
+    """Grants at most ``slots`` tickets at once per server, best key first.
 
     ``aging`` seconds of waiting are worth one priority level. Because every
     waiter ages at the same rate, the effective order is that of the fixed key
@@ -53,13 +115,22 @@ class Scheduler:
     def __init__(
         self,
         *,
-        slots: int,
+        slots: int = 1,
         max_size: int,
         max_wait: float = 0.0,
         aging: float = 0.0,
         clock: Callable[[], float] | None = None,
+        servers: Sequence[Server] | None = None,
+        affinity: Affinity | None = None,
+        level_factory: LevelFactory = _fifo,
     ) -> None:
-        self._slots = slots
+        """``servers``: the fleet; without it one server called ``default`` with ``slots``."""
+        self.servers: tuple[Server, ...] = tuple(servers or (Server("default", slots),))
+        self._capacity = sum(s.slots for s in self.servers)
+        self._eligible_cache: dict[str | None, tuple[Server, ...]] = {}
+        self._by_name = {s.name: s for s in self.servers}
+        self._affinity = affinity or Affinity()
+        self._level_factory = level_factory
         self._max_size = max_size
         self._max_wait = max_wait
         self._aging = aging
@@ -85,7 +156,18 @@ class Scheduler:
 
     @property
     def slots(self) -> int:
-        return self._slots
+        return sum(s.slots for s in self.servers)
+
+    @property
+    def affinity(self) -> Affinity:
+        return self._affinity
+
+    def server(self, name: str | None) -> Server:
+        return self._by_name[name] if name is not None else self.servers[0]
+
+    def serves(self, model: str | None) -> bool:
+        """May any server serve ``model`` (healthy or not)? If not, it is unknown here."""
+        return any(s.allows(model) for s in self.servers)
 
     @property
     def paused(self) -> bool:
@@ -109,7 +191,7 @@ class Scheduler:
 
     def retry_after(self) -> int:
         """A guess, in whole seconds, at when a refused client might get in: 1 to 60."""
-        estimate = self._hold_ewma * (self._queued + 1) / self._slots
+        estimate = self._hold_ewma * (self._queued + 1) / self.slots
         return max(1, min(60, math.ceil(estimate)))
 
     def add_listener(self, listener: Listener) -> None:
@@ -120,13 +202,15 @@ class Scheduler:
 
     def __repr__(self) -> str:
         return (
-            f"<Scheduler slots={self._slots} in_flight={self.in_flight} "
+            f"<Scheduler slots={self.slots} in_flight={self.in_flight} "
             f"queued={self._queued} paused={self._paused} closed={self._closed is not None}>"
         )
 
     # -- configuration ---------------------------------------------------------------
 
-    def reconfigure(self, *, max_size: int, max_wait: float, aging: float) -> None:
+    def reconfigure(
+        self, *, max_size: int, max_wait: float, aging: float, affinity: Affinity | None = None
+    ) -> None:
         """New limits for new arrivals; queued tickets keep their deadlines and priorities."""
         self._max_size = max_size
         self._max_wait = max_wait
@@ -135,6 +219,9 @@ class Scheduler:
             for level in self._levels.values():
                 for ticket in level:
                     ticket.key = self._key(ticket)
+        if affinity is not None and affinity != self._affinity:
+            self._affinity = affinity
+            self._dispatch()  # turned off: a waiter held back for loaded work may go now
 
     def _key(self, ticket: Ticket) -> float:
         if self._aging:
@@ -159,8 +246,10 @@ class Scheduler:
             if ticket.wait_limit:
                 ticket.deadline = now + ticket.wait_limit
             ticket.key = self._key(ticket)
-            if not self._paused and self._queued == 0 and len(self._running) < self._slots:
-                return self._start(ticket, now)
+            if not self._paused and self._queued == 0:
+                server = self._place_alone(ticket)
+                if server is not None:
+                    return self._start(ticket, server, now)
             if self._queued >= self._max_size:
                 ticket.state = State.DONE
                 raise QueueFull(retry_after=self.retry_after())
@@ -189,54 +278,204 @@ class Scheduler:
             raise
         return Slot(self, ticket)
 
-    def _start(self, ticket: Ticket, now: float) -> Slot:
+    def _start(self, ticket: Ticket, server: Server, now: float) -> Slot:
         ticket.state = State.RUNNING
         ticket.started_at = now
+        ticket.server = server.name
+        ticket.swapped = server.start(ticket, now)
         self._running[ticket] = None
         self._emit("started", ticket)
         return Slot(self, ticket)
 
     def _level(self, priority: int) -> LevelQueue:
+        """The one place a priority level's queue is created."""
         level = self._levels.get(priority)
         if level is None:
-            level = self._levels[priority] = FifoLevel()
+            level = self._levels[priority] = self._level_factory(priority)
         return level
 
-    def _best(self) -> Ticket | None:
+    def _best(
+        self, servable: Callable[[Ticket], bool] | None, below: float = math.inf
+    ) -> Ticket | None:
+        """The best waiter ``servable`` accepts, in levels whose first waiter's key is at most
+        ``below`` (a level's first waiter has its lowest key: further ones are not looked at)."""
         best: Ticket | None = None
         for level in self._levels.values():
-            head = level.head()
+            if below != math.inf:
+                first = level.head()
+                if first is None or first.key > below:
+                    continue
+            head = level.head(servable)
             if head is not None and (best is None or (head.key, head.seq) < (best.key, best.seq)):
                 best = head
         return best
 
+    # -- where: which servers a waiter may use ------------------------------------------------
+
+    def _eligible(self, model: str | None) -> tuple[Server, ...]:
+        """The servers ``model`` may go to now: the allowed ones that are up; if none is up
+        and none is only briefly down, the failing ones (so the request fails fast).
+        Cached per model until a server's health or models change."""
+        found = self._eligible_cache.get(model)
+        if found is None:
+            allowed = [s for s in self.servers if s.allows(model)]
+            found = tuple(s for s in allowed if s.health is Health.UP)
+            if not found and not any(s.health is Health.DOWN for s in allowed):
+                found = tuple(allowed)
+            if len(self._eligible_cache) >= 10_000:  # model names come from clients
+                self._eligible_cache.clear()
+            self._eligible_cache[model] = found
+        return found
+
+    def _choose(self, ticket: Ticket, servers: Sequence[Server]) -> Server:
+        """Among servers with a free slot: the model loaded, then room to load it, then an
+        idle model to evict; equal fits by the cheaper load (a learned one before an unknown
+        one), then the most free slots, then the order of the config."""
+        model = ticket.model
+
+        def rank(s: Server) -> tuple[Fit, float, int]:
+            cost = s.cost(model) if model is not None else None
+            return s.fit(model), math.inf if cost is None else cost, -s.free
+
+        return min(servers, key=rank)
+
+    def _place_alone(self, ticket: Ticket) -> Server | None:
+        """Nobody waits: the server ``ticket`` may start on at once, if any."""
+        open_ = [s for s in self._eligible(ticket.model) if s.free > 0]
+        if not open_:
+            return None
+        server = self._choose(ticket, open_)
+        return None if server.fit(ticket.model) is Fit.EVICT_BUSY else server
+
+    # -- who: the dispatch loop -------------------------------------------------------------
+
     def _dispatch(self) -> None:
-        while self._queued and not self._paused and len(self._running) < self._slots:
-            ticket = self._best()
+        """Fill free slots: each time, the best waiter that some free server may serve."""
+        if self._paused or not self._queued or len(self._running) >= self._capacity:
+            return
+        now = self.now()
+        blocked: set[Ticket] = set()  # waiting for a better fit, for this pass
+        held: set[Server] = set()  # draining busy work for such a waiter
+        servers_for = self._servers_for
+
+        while self._queued and len(self._running) < self._capacity:
+            # Usually the best waiter of all can go somewhere: no filter, no set.
+            ticket = None if blocked else self._best(None)
+            candidates = [s for s in servers_for(ticket) if s.free > 0] if ticket else []
+            if not candidates:
+                open_ = {s for s in self.servers if s.free > 0 and s not in held}
+                if not open_:
+                    return
+                ticket = self._best(partial(_waits_for, blocked, open_, servers_for))
+                if ticket is None:
+                    return
+                candidates = [s for s in servers_for(ticket) if s in open_]
             assert ticket is not None
-            waiter = ticket._waiter
-            assert waiter is not None
-            if waiter.done():
-                # Its task was cancelled in this loop step (the client hung up) and has not
-                # run its clean-up yet: take it out of line here and pass over it.
-                self._drop(ticket)
+            if self._gone(ticket):
                 continue
-            self._levels[ticket.priority].pop(ticket)
-            self._queued -= 1
-            self._cancel_timer(ticket)
-            self._start(ticket, self.now())
-            waiter.set_result(None)
-            ticket._waiter = None
+            server = candidates[0] if len(candidates) == 1 else self._choose(ticket, candidates)
+            fit = server.fit(ticket.model)
+            if fit >= Fit.EVICT_IDLE and self._affinity.on:
+                other = self._loaded_work(server, ticket, now, blocked)
+                if other is not None:
+                    self._grant(other, server, now)
+                    continue
+            if fit is Fit.EVICT_BUSY:
+                # Wait for a better fit rather than evict work in flight. Unless its model is
+                # loaded on a busy server it may use (it goes there next), hold this server:
+                # no more work for the busy model, so the model can go once it is idle.
+                blocked.add(ticket)
+                if not any(s.has_loaded(ticket.model) for s in servers_for(ticket)):
+                    held.add(server)
+                continue
+            self._grant(ticket, server, now)
+
+    def _servers_for(self, ticket: Ticket) -> tuple[Server, ...]:
+        return self._eligible(ticket.model)
+
+    def _gone(self, ticket: Ticket) -> bool:
+        waiter = ticket._waiter
+        assert waiter is not None
+        if waiter.done():
+            # Its task was cancelled in this loop step (the client hung up) and has not run
+            # its clean-up yet: take it out of line here and pass over it.
+            self._drop(ticket)
+            return True
+        return False
+
+    def _loaded_work(
+        self, server: Server, best: Ticket, now: float, blocked: set[Ticket]
+    ) -> Ticket | None:
+        """Affinity: the best waiter for a model loaded on ``server`` within ``window`` levels
+        of ``best``, if ``best`` may still be passed over; ``best`` is then marked passed."""
+        window = self._affinity.window
+        eligible: dict[str | None, bool] = {}
+
+        def accept(t: Ticket) -> bool:
+            if t.key - best.key > window or t in blocked:
+                return False
+            ok = eligible.get(t.model)
+            if ok is None:
+                ok = eligible[t.model] = server in self._eligible(t.model)
+            return ok
+
+        fits = ModelFilter(server.loaded_names(), accept)
+        while True:
+            other = self._best(fits, below=best.key + window)
+            if other is None or not self._gone(other):
+                break
+        if other is None:
+            return None
+        passed_at = best.passed_at or now
+        deadline = passed_at + self._defer_limit(server, best, other, passed_at)
+        if now >= deadline:
+            return None
+        best.passed_at = passed_at
+        timer = best._defer_timer
+        if timer is None or timer.when() > deadline:
+            if timer is not None:
+                timer.cancel()
+            loop = asyncio.get_running_loop()
+            best._defer_timer = loop.call_later(max(0.0, deadline - now), self._dispatch)
+        return other
+
+    def _defer_limit(self, server: Server, best: Ticket, other: Ticket, passed_at: float) -> float:
+        """How long ``best`` may be passed over on ``server``: ``DEFER_PER_SWAP_SECOND`` times
+        the swap it avoids (its load plus the evicted model's reload; unknown = max_defer),
+        at least what is left of the loaded model's ``min_residency``, at most ``max_defer``."""
+        a = self._affinity
+        assert best.model is not None and other.model is not None
+        evicted = server.victim() or other.model  # no idle one: the busy model it waits for
+        costs = [server.cost(best.model), server.cost(evicted)]
+        if any(c is None for c in costs):
+            by_cost = a.max_defer
+        else:
+            by_cost = DEFER_PER_SWAP_SECOND * sum(c or 0.0 for c in costs)
+        loaded_at = server.loaded_at.get(canonical(other.model), -math.inf)
+        residency = loaded_at + a.min_residency - passed_at
+        return min(a.max_defer, max(by_cost, residency))
+
+    def _grant(self, ticket: Ticket, server: Server, now: float) -> None:
+        self._levels[ticket.priority].pop(ticket)
+        self._queued -= 1
+        self._cancel_timer(ticket)
+        self._start(ticket, server, now)
+        waiter = ticket._waiter
+        assert waiter is not None
+        waiter.set_result(None)
+        ticket._waiter = None
 
     def _finish(self, ticket: Ticket, tokens: float | None = None) -> None:
         if ticket.state is not State.RUNNING:
             return
         ticket.state = State.DONE
         del self._running[ticket]
+        now = self.now()
+        self.server(ticket.server).finish(ticket, now)
         level = self._levels.get(ticket.priority)
         if level is not None:
             level.finished(ticket, tokens)
-        held = self.now() - ticket.started_at
+        held = now - ticket.started_at
         self._hold_ewma = held if not self._hold_ewma else 0.8 * self._hold_ewma + 0.2 * held
         self._emit("finished", ticket)
         self._dispatch()
@@ -270,6 +509,9 @@ class Scheduler:
         if ticket._timer is not None:
             ticket._timer.cancel()
             ticket._timer = None
+        if ticket._defer_timer is not None:
+            ticket._defer_timer.cancel()
+            ticket._defer_timer = None
 
     def _emit(self, event: str, ticket: Ticket) -> None:
         for listener in self._listeners:
@@ -278,8 +520,42 @@ class Scheduler:
     # -- holding and stopping ------------------------------------------------------------
 
     def pause(self) -> None:
-        """Stop granting slots (Ollama is unreachable); waiters keep their places."""
+        """Stop granting slots anywhere; waiters keep their places."""
         self._paused = True
+
+    def set_health(self, name: str, health: Health) -> None:
+        """A server is up, briefly down (its waiters wait or go elsewhere), or failing."""
+        server = self._by_name[name]
+        if server.health is not health:
+            server.health = health
+            self._eligible_cache.clear()
+            self._dispatch()
+
+    def refresh(self) -> None:
+        """The glue told the servers what they have and have loaded (``observe_known``,
+        ``observe_loaded``): where each model may go is worked out afresh."""
+        self._eligible_cache.clear()
+        self._dispatch()
+
+    def give_up(self, name: str, error: Callable[[], RequestError]) -> int:
+        """A server has been down too long: it is failing, and the waiters that no server up
+        (or only briefly down) may serve get ``error()``; returns how many."""
+        self._by_name[name].health = Health.FAILING
+        self._eligible_cache.clear()
+        failed = self.reject_stranded(error)
+        self._dispatch()
+        return failed
+
+    def reject_stranded(self, error: Callable[[], RequestError]) -> int:
+        """Fail the waiters no server that is up (or only briefly down) may serve."""
+        stranded = [
+            t
+            for t in self.queued()
+            if not any(s.allows(t.model) and s.health is not Health.FAILING for s in self.servers)
+        ]
+        for ticket in stranded:
+            self._drop(ticket, error())
+        return len(stranded)
 
     def resume(self) -> None:
         self._paused = False

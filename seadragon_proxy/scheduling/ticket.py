@@ -38,8 +38,13 @@ class Ticket:
     deadline: float = math.inf
     wait_limit: float = 0.0  # the limit it queued under, for the message if it runs out
     key: float = 0.0  # priority + enqueued_at / aging: lower is served first across levels
+    server: str | None = None  # where it runs (set when it starts)
+    swapped: bool = False  # starting it there loaded its model
+    load_seconds: float | None = None  # Ollama's load_duration for it, once known
+    passed_at: float = 0.0  # when it was first passed over for loaded-model work (affinity)
     _waiter: asyncio.Future[None] | None = field(default=None, repr=False)
     _timer: asyncio.TimerHandle | None = field(default=None, repr=False)
+    _defer_timer: asyncio.TimerHandle | None = field(default=None, repr=False)
 
     def waited(self, now: float) -> float:
         return (self.started_at if self.state is not State.QUEUED else now) - self.enqueued_at

@@ -394,7 +394,7 @@
       running.firstChild.dataset.testid = "processing-empty";
     } else {
       running.replaceChildren(...view.running.map((entry) => el(
-        "tr", { dataset: { testid: "processing-row", id: entry.id, source: sourceLabel(entry.source) }, title: `request ${entry.id}` },
+        "tr", { dataset: { testid: "processing-row", id: entry.id, source: sourceLabel(entry.source) }, title: entry.server ? `request ${entry.id} on ${entry.server}` : `request ${entry.id}` },
         [...entryCells(entry), cell("waited", fmtDuration(entry.wait_time), "num"), tickingCell("running", entry.running_time)],
       )));
     }
@@ -415,8 +415,30 @@
     more.hidden = hiddenCount <= 0;
     more.textContent = hiddenCount > 0 ? `… and ${fmtCount(hiddenCount)} more waiting.` : "";
 
+    renderServers(view.servers || []);
     upstreamFromQueue = { ...view.upstream, at: Date.now() };
     renderUpstream();
+  }
+
+  function renderServers(servers) {
+    const body = $("servers-body");
+    if (!servers.length) {
+      placeholder(body, 6, "No servers.");
+      return;
+    }
+    body.replaceChildren(...servers.map((s) => {
+      const health = el("span", { className: "health", text: s.health });
+      health.dataset.health = s.health;
+      const costs = Object.entries(s.swap_cost).map(([m, c]) => `${m} ${Number(c).toFixed(1)} s`);
+      return el("tr", { dataset: { testid: "server-row", server: s.name } }, [
+        cell("name", s.name, "mono"),
+        cell("health", health),
+        cell("running", `${fmtCount(s.in_flight)} / ${fmtCount(s.slots)}`, "num"),
+        cell("loaded", s.loaded.length ? s.loaded.join(", ") : "—", "mono"),
+        cell("swap_cost", costs.length ? costs.join(", ") : "—", "mono"),
+        cell("swaps", fmtCount(s.swaps), "num"),
+      ]);
+    }));
   }
 
   function tickWaits() {
@@ -441,6 +463,7 @@
     for (const id of ["queue-count", "in-flight", "slots"]) $(id).textContent = "–";
     placeholder($("processing-body"), 7, NEEDS_TOKEN);
     placeholder($("queue-body"), 7, NEEDS_TOKEN);
+    placeholder($("servers-body"), 6, NEEDS_TOKEN);
     $("queue-more").hidden = true;
     upstreamFromQueue = null;
     renderUpstream();
