@@ -32,6 +32,10 @@ class LevelQueue(Protocol):
     def pop(self, ticket: Ticket) -> None:
         """``ticket`` (a ``head()`` just returned) is being served: out of line."""
 
+    def try_start(self, ticket: Ticket) -> bool:
+        """Nobody waits at any level and a slot is free: may ``ticket`` start without
+        queueing? ``True`` means it has started (and counts as served by this level)."""
+
     def finished(self, ticket: Ticket, tokens: float | None) -> None:
         """A ticket this level served has ended; ``tokens`` is its real cost, if known."""
 
@@ -68,6 +72,9 @@ class FifoLevel:
 
     def pop(self, ticket: Ticket) -> None:
         del self._line[ticket]
+
+    def try_start(self, ticket: Ticket) -> bool:
+        return True
 
     def finished(self, ticket: Ticket, tokens: float | None) -> None:
         pass

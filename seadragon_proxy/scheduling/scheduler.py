@@ -58,6 +58,7 @@ class Scheduler:
         max_wait: float = 0.0,
         aging: float = 0.0,
         clock: Callable[[], float] | None = None,
+        level_factory: Callable[[int], LevelQueue] | None = None,
     ) -> None:
         self._slots = slots
         self._max_size = max_size
@@ -65,6 +66,7 @@ class Scheduler:
         self._aging = aging
         self._clock = clock
         self._levels: dict[int, LevelQueue] = {}
+        self._level_factory = level_factory or (lambda priority: FifoLevel())
         self._queued = 0
         self._running: dict[Ticket, None] = {}  # insertion-ordered set
         self._seq = itertools.count(1)
@@ -159,7 +161,12 @@ class Scheduler:
             if ticket.wait_limit:
                 ticket.deadline = now + ticket.wait_limit
             ticket.key = self._key(ticket)
-            if not self._paused and self._queued == 0 and len(self._running) < self._slots:
+            if (
+                not self._paused
+                and self._queued == 0
+                and len(self._running) < self._slots
+                and self._level(ticket.priority).try_start(ticket)
+            ):
                 return self._start(ticket, now)
             if self._queued >= self._max_size:
                 ticket.state = State.DONE
@@ -199,7 +206,7 @@ class Scheduler:
     def _level(self, priority: int) -> LevelQueue:
         level = self._levels.get(priority)
         if level is None:
-            level = self._levels[priority] = FifoLevel()
+            level = self._levels[priority] = self._level_factory(priority)
         return level
 
     def _best(self) -> Ticket | None:
@@ -213,7 +220,8 @@ class Scheduler:
     def _dispatch(self) -> None:
         while self._queued and not self._paused and len(self._running) < self._slots:
             ticket = self._best()
-            assert ticket is not None
+            if ticket is None:
+                return  # every waiter is held back by its level (a tenant's max_in_flight)
             waiter = ticket._waiter
             assert waiter is not None
             if waiter.done():
