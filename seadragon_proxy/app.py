@@ -26,7 +26,7 @@ from .middlewares import (
 )
 from .proxy import Proxy
 from .record import Recorder
-from .scheduling import Scheduler, Ticket
+from .scheduling import FairLevel, Scheduler, Ticket
 from .settings import Settings
 from .typedefs import HISTORY, LIVE, METRICS, PROXY, RECORDER, SCHEDULER, UPSTREAM
 from .upstream import Upstream
@@ -40,7 +40,11 @@ def create_app(settings: Settings) -> web.Application:
     """Build the app from validated settings. Nothing starts until the app is run."""
     q = settings.queue
     scheduler = Scheduler(
-        slots=settings.upstream.slots, max_size=q.max_size, max_wait=q.max_wait, aging=q.aging
+        slots=settings.upstream.slots,
+        max_size=q.max_size,
+        max_wait=q.max_wait,
+        aging=q.aging,
+        level_factory=lambda priority: FairLevel(),  # fair between tenants within a level
     )
     live = Live(settings, scheduler, WhitelistStore(settings.whitelist.database))
     upstream = Upstream(settings.upstream, scheduler)

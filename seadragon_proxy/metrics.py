@@ -105,6 +105,11 @@ class Metrics:
             "Ollama failures: unreachable, timeout, broke_off (mid-stream), status_5xx.",
             ["kind"], registry=r,
         )  # fmt: skip
+        self.tenant_limited = Counter(
+            "seadragon_tenant_limited",
+            "Requests refused (429) because their tenant is over a limit of its source.",
+            ["source", "limit"], registry=r,
+        )  # fmt: skip
         self.hangups = Counter(
             "seadragon_client_hangups", "Clients that left before their answer was complete.",
             ["source"], registry=r,
@@ -176,6 +181,8 @@ class Metrics:
                 speed.observe(usage.tokens_per_second)
         if record.refusal == "whitelist":
             self.refusals.labels(source).inc()
+        elif record.refusal in ("max_queued", "tokens_per_hour"):
+            self.tenant_limited.labels(source, record.refusal).inc()
         if record.upstream_error:
             self.upstream_errors.labels(record.upstream_error).inc()
         if record.hung_up:

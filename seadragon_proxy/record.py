@@ -32,7 +32,8 @@ class RequestRecord:
     usage: Usage | None = None
     hung_up: bool = False
     error: str | None = None
-    refusal: str | None = None  # "whitelist" or "origin": what refused it
+    refusal: str | None = None  # "whitelist", "origin", "max_queued", ...: what refused it
+    tenant: str | None = None  # who it counts for in fair shares: "source" or "source/value"
     user_agent: str | None = None
     upstream_error: str | None = None  # unreachable, timeout, broke_off, status_5xx
     pinned: str | None = None  # "num_ctx 32768->8192": what a defaults `force:` replaced
@@ -50,6 +51,10 @@ class RequestRecord:
             "bytes": self.bytes_out,
             "upstream_time": round(self.upstream_time, 4),
         }
+        if self.tenant and self.tenant != self.source:
+            out["tenant"] = self.tenant
+        if self.refusal in ("max_queued", "tokens_per_hour"):
+            out["limit"] = self.refusal
         if self.pinned:
             out["pinned"] = self.pinned
         if self.queued:
