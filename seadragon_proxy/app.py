@@ -51,7 +51,7 @@ def create_app(settings: Settings) -> web.Application:
     recorder = Recorder()
     proxy = Proxy(live, scheduler, upstream, recorder)
     scheduler.add_listener(_log_queue_event)
-    metrics = Metrics(scheduler)
+    metrics = Metrics(scheduler, proxy.tenancy.book)
     recorder.listeners.append(metrics.observe)
     live.listeners.append(metrics.reloaded)
     history = None

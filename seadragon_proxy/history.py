@@ -59,7 +59,14 @@ _SCHEMA = (
     """,
     "CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts)",
 )
-_INSERT = f"INSERT INTO requests VALUES ({', '.join('?' * 18)})"  # noqa: S608 - placeholders
+# Columns added since the first schema, each with the ALTER that adds it to an older file.
+_ADDED = (("tenant", "ALTER TABLE requests ADD COLUMN tenant TEXT"),)  # fair shares (issue 9)
+_COLUMNS = (
+    "ts, request_id, source, priority, client_ip, method, route, model, status, queued, "
+    "queue_wait, upstream_time, bytes, eval_count, prompt_eval_count, eval_seconds, hung_up, "
+    "error, tenant"
+)
+_INSERT = f"INSERT INTO requests ({_COLUMNS}) VALUES ({', '.join('?' * 19)})"  # noqa: S608
 
 Row = tuple[object, ...]
 
@@ -84,6 +91,7 @@ def as_row(r: RequestRecord) -> Row:
         r.status, int(r.queued), r.queue_wait, r.upstream_time, r.bytes_out,
         u.eval_count if u else 0, u.prompt_eval_count if u else 0,
         u.eval_duration_ns / 1e9 if u else 0.0, int(r.hung_up), storable(r.error),
+        storable(r.tenant),
     )  # fmt: skip
 
 
@@ -93,6 +101,10 @@ async def connect(path: Path, *, create: bool = False) -> AsyncIterator[aiosqlit
     async with whitelist.connect(path, create=create, what="database") as db:
         for statement in _SCHEMA:
             await db.execute(statement)
+        columns = {row[1] for row in await db.execute_fetchall("PRAGMA table_info(requests)")}
+        for column, alter in _ADDED:
+            if column not in columns:  # a file from an older version: migrate it in place
+                await db.execute(alter)
         yield db
 
 
@@ -246,6 +258,7 @@ class Summary:
     until: float
     sources: Sequence[GroupStats]
     models: Sequence[GroupStats]
+    tenants: Sequence[GroupStats] = ()
 
     def as_dict(self) -> dict[str, object]:
         def iso(t: float) -> str:
@@ -258,6 +271,7 @@ class Summary:
             "until": iso(self.until),
             "sources": [g.as_dict("source") for g in self.sources],
             "models": [g.as_dict("model") for g in self.models],
+            "tenants": [g.as_dict("tenant") for g in self.tenants],
         }
 
 
@@ -278,6 +292,13 @@ _GROUP_SQL = {
         "WHERE ts >= ? AND ts < ? GROUP BY model ORDER BY COUNT(*) DESC",
         "SELECT queue_wait FROM requests WHERE ts >= ? AND ts < ? AND queued = 1 "
         "AND model IS ? ORDER BY queue_wait LIMIT 1 OFFSET ?",
+    ),
+    "tenant": (
+        "SELECT tenant, COUNT(*), SUM(status >= 400 OR (error IS NOT NULL AND hung_up = 0)), "
+        "SUM(hung_up), SUM(queued), SUM(eval_count), SUM(prompt_eval_count) FROM requests "
+        "WHERE ts >= ? AND ts < ? AND tenant IS NOT NULL GROUP BY tenant ORDER BY COUNT(*) DESC",
+        "SELECT queue_wait FROM requests WHERE ts >= ? AND ts < ? AND queued = 1 "
+        "AND tenant IS ? ORDER BY queue_wait LIMIT 1 OFFSET ?",
     ),
 }
 
@@ -305,7 +326,7 @@ async def _groups(
 
 
 async def summarize(path: Path, since: float, until: float | None = None) -> Summary:
-    """Counts, waits, tokens and errors per source and per model since ``since``."""
+    """Counts, waits, tokens and errors per source, model and tenant since ``since``."""
     end = time.time() if until is None else until
     async with connect(path) as db:
         return Summary(
@@ -313,6 +334,7 @@ async def summarize(path: Path, since: float, until: float | None = None) -> Sum
             end,
             await _groups(db, "source", since, end),
             await _groups(db, "model", since, end),
+            await _groups(db, "tenant", since, end),
         )
 
 

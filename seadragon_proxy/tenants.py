@@ -15,6 +15,10 @@ import math
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # policy.py imports this module for Fairness
+    from .policy import Source
 
 FAIR_BY_KINDS = ("none", "client_ip", "api_key")
 HEADER_PREFIX = "header:"
@@ -102,6 +106,24 @@ def prompt_estimate(body_bytes: int) -> float:
     return body_bytes / 4
 
 
+def describe_tenant(source: Source, client_ip: str, headers: Mapping[str, str]) -> str:
+    """For ``explain``: the tenant a request counts as, and why."""
+    fairness = source.fairness
+    value = tenant_value(fairness.fair_by, client_ip, headers)
+    name = tenant_name(source.name, value)
+    if fairness.fair_by == "none":
+        return f"{name} (fair_by none: the whole source is one tenant)"
+    parts = [f"fair_by {fairness.fair_by}"]
+    weight = fairness.weight(value)
+    if weight != 1:
+        parts.append(f"weight {weight:g}")
+    limits = fairness.limits
+    for key in ("max_queued", "max_in_flight", "tokens_per_hour"):
+        if getattr(limits, key):
+            parts.append(f"{key} {getattr(limits, key)}")
+    return f"{name} ({', '.join(parts)})"
+
+
 @dataclass(slots=True)
 class _Usage:
     window: deque[tuple[float, int]] = field(default_factory=deque)  # (time, tokens)
@@ -184,6 +206,15 @@ class TenantBook:
             if excess < 0:
                 return max(1, math.ceil(at + HOUR - now))
         return max(1, math.ceil(usage.window[-1][0] + HOUR - now))
+
+    def hour(self, now: float) -> dict[str, int]:
+        """Tokens of the last hour, per tenant that used any."""
+        out = {}
+        for name, usage in self._tenants.items():
+            usage.prune(now)
+            if usage.total:
+                out[name] = usage.total
+        return out
 
     def shares(self, now: float, top: int = 10) -> list[tuple[str, int, int]]:
         """(tenant, tokens in the last hour, waiting) for the ``top`` tenants by tokens
