@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # policy.py imports this module for Fairness
 FAIR_BY_KINDS = ("none", "client_ip", "api_key")
 HEADER_PREFIX = "header:"
 HOUR = 3600.0
+BUCKET = 60  # seconds: tokens are counted by the minute, so memory does not grow per request
 VALUE_LIMIT = 64  # a header's value is cut to this many characters: the tenant's name
 NO_VALUE = "-"  # the request carried no value (no header, no key): one tenant for all such
 
@@ -126,15 +127,25 @@ def describe_tenant(source: Source, client_ip: str, headers: Mapping[str, str]) 
 
 @dataclass(slots=True)
 class _Usage:
-    window: deque[tuple[float, int]] = field(default_factory=deque)  # (time, tokens)
+    # Tokens by the minute they were used in, oldest first: at most 61 entries however many
+    # requests. A minute's tokens count until an hour after that minute's end.
+    window: deque[list[int]] = field(default_factory=deque)  # [minute, tokens]
     total: int = 0
     average: float = 0.0  # recent cost per request (exponentially weighted)
     waiting: int = 0
 
     def prune(self, now: float) -> None:
         window = self.window
-        while window and window[0][0] <= now - HOUR:
+        while window and (window[0][0] + 1) * BUCKET + HOUR <= now:
             self.total -= window.popleft()[1]
+
+    def add(self, now: float, tokens: int) -> None:
+        minute = int(now // BUCKET)
+        if self.window and self.window[-1][0] == minute:
+            self.window[-1][1] += tokens
+        else:
+            self.window.append([minute, tokens])
+        self.total += tokens
 
 
 class TenantBook:
@@ -172,8 +183,7 @@ class TenantBook:
         usage = self._get(tenant)
         usage.prune(now)
         if tokens > 0:
-            usage.window.append((now, tokens))
-            usage.total += tokens
+            usage.add(now, tokens)
         usage.average = charge if not usage.average else 0.8 * usage.average + 0.2 * charge
         if len(self._tenants) > self._sweep_at:
             self._sweep(now)
@@ -201,11 +211,11 @@ class TenantBook:
         if usage.total < limit:
             return None
         excess = usage.total - limit
-        for at, tokens in usage.window:  # the oldest first: when is the total below limit?
+        for minute, tokens in usage.window:  # the oldest first: when is it below the limit?
             excess -= tokens
             if excess < 0:
-                return max(1, math.ceil(at + HOUR - now))
-        return max(1, math.ceil(usage.window[-1][0] + HOUR - now))
+                return max(1, math.ceil((minute + 1) * BUCKET + HOUR - now))
+        return max(1, math.ceil((usage.window[-1][0] + 1) * BUCKET + HOUR - now))
 
     def hour(self, now: float) -> dict[str, int]:
         """Tokens of the last hour, per tenant that used any."""

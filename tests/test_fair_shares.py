@@ -201,7 +201,7 @@ async def test_tokens_per_hour_counts_ollamas_tokens_and_answers_429(
         headers={"X-Test-Source": "team", "X-User": "a"},
     ) as r:
         assert r.status == 429
-        assert 3500 <= int(r.headers["Retry-After"]) <= 3600
+        assert 3500 <= int(r.headers["Retry-After"]) <= 3660  # counted by the minute
 
 
 async def test_a_tenant_at_max_in_flight_never_blocks_another_from_a_free_slot(

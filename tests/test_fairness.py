@@ -305,3 +305,21 @@ async def test_the_scheduler_leaves_a_slot_free_while_every_waiter_is_capped() -
     assert second.ticket.tenant == "a"
     second.release(5.0)
     other.release(1.0)
+
+
+def test_a_forgotten_tenant_coming_back_is_not_confused_with_its_old_entries() -> None:
+    level = FairLevel()
+    for _ in range(3):
+        level.push(ticket("b", estimate=100))
+    old = ticket("a", estimate=1)
+    level.push(old)
+    level.discard(old)  # a is forgotten; its heap entry is stale
+    for _ in range(5):
+        level.push(ticket("c"))
+    for _ in range(70):  # enough tenants come and go to force a sweep and new versions
+        level.push(ticket("x"))
+        level.discard(next(t for t in level if t.tenant == "x"))
+    back = ticket("a", estimate=1)
+    level.push(back)
+    order = [serve(level).tenant for _ in range(9)]
+    assert order.count("a") == 1 and sorted(set(order)) == ["a", "b", "c"]

@@ -126,15 +126,18 @@ def test_bad_fair_share_keys_name_the_file_and_the_key(
     assert str(caught.value).startswith(f"{path}: {key}: ")
 
 
-def test_the_book_counts_the_last_hour_and_says_when_it_frees_up() -> None:
+def test_the_book_counts_the_last_hour_by_the_minute_and_says_when_it_frees_up() -> None:
     book = TenantBook()
-    book.used("s/a", 300, 400.0, now=100.0)
-    book.used("s/a", 300, 400.0, now=200.0)
-    assert book.tokens_last_hour("s/a", 250.0) == 600
+    book.used("s/a", 300, 400.0, now=100.0)  # minute 1 (60-120 s): counts until 3720 s
+    book.used("s/a", 300, 400.0, now=200.0)  # minute 3 (180-240 s): until 3840 s
+    book.used("s/a", 50, 400.0, now=230.0)  # the same minute: one entry, not one per request
+    assert len(book._tenants["s/a"].window) == 2
+    assert book.tokens_last_hour("s/a", 250.0) == 650
     assert book.over_tokens("s/a", 1000, 250.0) is None
-    assert book.over_tokens("s/a", 600, 250.0) == 100 + HOUR - 250  # when the first ages out
-    assert book.over_tokens("s/a", 200, 250.0) == 200 + HOUR - 250  # both must age out
-    assert book.tokens_last_hour("s/a", 100.0 + HOUR) == 300
+    assert book.over_tokens("s/a", 650, 250.0) == 3720 - 250  # when minute 1 ages out
+    assert book.over_tokens("s/a", 200, 250.0) == 3840 - 250  # both must age out
+    assert book.tokens_last_hour("s/a", 3720.0) == 350
+    assert book.tokens_last_hour("s/a", 3840.0) == 0
     assert book.estimate("s/a", 4000) == 400.0  # the recent average, not the body's size
     assert book.estimate("s/new", 4000) == 1000.0  # bytes / 4
 

@@ -18,6 +18,7 @@ without popping it, so a capped tenant never blocks the next one. No aiohttp her
 from __future__ import annotations
 
 import heapq
+import itertools
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -51,7 +52,7 @@ def tenant_of(ticket: Ticket) -> str:
 class FairLevel:
     """A ``LevelQueue`` that shares its level between tenants by weighted token counts."""
 
-    __slots__ = ("_charged", "_floor", "_heap", "_queued", "_tenants")
+    __slots__ = ("_charged", "_floor", "_heap", "_queued", "_tenants", "_versions")
 
     def __init__(self) -> None:
         self._tenants: dict[str, _Tenant] = {}
@@ -59,6 +60,9 @@ class FairLevel:
         self._charged: dict[Ticket, float] = {}  # running tickets: counter units charged
         self._queued = 0
         self._floor = 0.0  # the counter the latest dispatch was made at
+        # Versions are unique across tenants: a stale entry of a forgotten tenant can never
+        # pass for the entry of a new record of the same name.
+        self._versions = itertools.count(1)
 
     # -- views --------------------------------------------------------------------
 
@@ -181,7 +185,7 @@ class FairLevel:
 
     def _enter(self, record: _Tenant) -> None:
         """(Re)file a tenant in the heap under its current counter and head."""
-        record.version += 1
+        record.version = next(self._versions)
         if record.line:
             head = next(iter(record.line))
             heapq.heappush(self._heap, (record.counter, head.seq, record.version, record.name))
