@@ -254,3 +254,19 @@ async def test_openai_usage_counts_towards_tokens_per_hour(make_proxy: ProxyFact
         assert r.status == 429 and int(r.headers["Retry-After"]) > 3000
         error = (await r.json())["error"]
     assert error["type"] == "tokens" and "44 tokens" in error["message"]
+
+
+async def test_fair_by_and_limits_follow_a_live_reload(make_proxy: ProxyFactory) -> None:
+    proxy = await make_proxy(config(fair_by="none"))
+    holder, gate = await hold_the_slot(proxy)
+    before = await queue(proxy, "a", 2)  # under fair_by none: both are the tenant "team"
+    assert [t.tenant for t in proxy.scheduler.queued()] == ["team", "team"]
+    changed = config(limits={"max_queued": 1})
+    ok = await proxy.next_reload("config", lambda: proxy.write_config(changed), 10)
+    assert ok
+    after = await queue(proxy, "a", 1)  # a new arrival counts as team/a, alone in line
+    status, doc = await send(proxy, "a", "one too many")
+    assert status == 429 and "max_queued" in doc["error"]
+    assert [t.tenant for t in proxy.scheduler.queued()] == ["team", "team/a", "team"]
+    gate.set()
+    assert all(s == 200 for s, _ in await asyncio.gather(holder, *before, *after))
