@@ -19,5 +19,5 @@ SCENARIOS: dict[str, tuple[str, Scenario, float]] = {
     "4": ("streaming throughput", throughput.run, 60),
     "5": ("queue scale", scale.run, 150),
     "6": ("priority under load", priority.run, 60),
-    "7": ("fair shares", fairness.run, 60),
+    "7": ("fair shares", fairness.run, 120),
 }

@@ -9,6 +9,10 @@ figures are the scheduler's own, which HTTP would only blur.
   estimate off by up to ±50 %, so every finish corrects a counter). Drain time / N, for
   10 waiters of 1 tenant and 10 000 over 1 000 tenants (FIFO levels alongside, for
   reference). Target: 10 000 / 1 000 within 2x of 10 / 1.
+- **Dispatch through the proxy**: the same through HTTP, as scenario 5 measures the drain
+  (a gated blocker holds the slot; N requests wait, each on its own connection, with
+  ``X-Tenant: t<i mod T>`` on a source with ``fair_by: header:X-Tenant``; the gate opens and
+  the drain is timed): drain per request at 10 / 1 and 10 000 / 1 000.
 - **Fairness bound**: two tenants, both backlogged all along, one slot; each request costs
   ``input + 2 x output`` tokens (the paper's weights) drawn at random up to
   ``L_input = 256``, ``L_output = 512``; the estimate is the tenant's running average. The
@@ -29,8 +33,10 @@ from itertools import count
 
 from seadragon_proxy.scheduling import FairLevel, FifoLevel, LevelQueue, Scheduler, Ticket
 
+from .. import client
 from ..context import Bench
 from ..report import Row
+from ..targets import Target
 
 NAME = "7 fair shares"
 L_INPUT, L_OUTPUT, W_OUTPUT = 256, 512, 2.0
@@ -116,6 +122,33 @@ def service_difference(factory: Factory, requests: int) -> float:
     return highest - lowest
 
 
+async def proxied_drain(bench: Bench, target: Target, waiters: int, tenants: int) -> float:
+    """Seconds per request from the gate opening to the last of N answers, through HTTP."""
+    fake = bench.fake
+    await fake.mark()
+    gate = fake.new_gate(f"fair-{waiters}-{tenants}")
+    limit = 30.0 + waiters * 0.02
+    data = client.body("queued")
+
+    async def one(tenant: str) -> None:
+        headers = {**client.headers("tenants"), "X-Tenant": tenant}
+        async with s.post(target.url + "/api/generate", data=data, headers=headers) as r:
+            answer = await r.read()
+            if r.status != 200:
+                raise client.BenchError(f"{target.url} answered {r.status}: {answer[:200]!r}")
+
+    async with client.session() as s, client.Load() as load:
+        load.start(client.generate(s, target.url, client.body(f"gate:{gate}"), "coding"))
+        await fake.wait(30.0, started=1)
+        for i in range(waiters):
+            load.start(one(f"t{i % tenants}"))
+        await target.wait_waiting(waiters, limit)
+        opened = time.perf_counter()
+        await fake.open_gate(gate)
+        await load.done(limit)
+        return (time.perf_counter() - opened) / waiters
+
+
 async def run(bench: Bench) -> list[Row]:
     quick = bench.sizes.queue_sizes[-1] < 10_000
     large, tenants = (1_000, 100) if quick else (10_000, 1_000)
@@ -145,6 +178,21 @@ async def run(bench: Bench) -> list[Row]:
             {"proxy": large_fifo * 1e6},
         ),
     ]  # fmt: skip
+    proxy = next((t for t in bench.targets if t.name == "proxy"), None)
+    if proxy is not None:
+        small_http = min([await proxied_drain(bench, proxy, 10, 1) for _ in range(5)])
+        large_http = await proxied_drain(bench, proxy, large, tenants)
+        bench.details["fairness"]["proxied_drain_ms"] = {
+            "10_over_1": small_http * 1e3,
+            f"{large}_over_{tenants}": large_http * 1e3,
+        }
+        rows += [
+            Row(NAME, "drain per request via HTTP, 10 / 1", "ms", {"proxy": small_http * 1e3}),
+            Row(
+                NAME, f"drain per request via HTTP, {large} / {tenants}", "ms",
+                {"proxy": large_http * 1e3},
+            ).judge("<= 2x 10/1", lambda r: r.value("proxy") <= 2 * small_http * 1e3),
+        ]  # fmt: skip
     requests = 2_000 if quick else 20_000
     fair_gap = service_difference(fair, requests)
     fifo_gap = service_difference(fifo, requests)

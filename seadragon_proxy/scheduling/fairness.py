@@ -103,16 +103,19 @@ class FairLevel:
         record = self._tenants.get(name)
         if record is None:
             record = self._tenants[name] = _Tenant(name)
-        if not record.line:  # it becomes backlogged: no credit for having been idle
+        idle = not record.line
+        if idle:  # it becomes backlogged: no credit for having been idle
             record.counter = max(record.counter, self._least_backlogged())
         line = record.line
         last = next(reversed(line), None)
         line[ticket] = None
-        if last is not None and last.seq > ticket.seq:  # a returning ticket: its old place
+        moved = last is not None and last.seq > ticket.seq
+        if moved:  # a returning ticket: back to its old place
             for other in [t for t in line if t.seq > ticket.seq]:
                 line.move_to_end(other)
         self._queued += 1
-        self._enter(record)
+        if idle or moved:  # otherwise neither its counter nor its head changed
+            self._enter(record)
 
     def discard(self, ticket: Ticket) -> None:
         record = self._tenants.get(tenant_of(ticket))
