@@ -244,6 +244,8 @@ def _check(settings: Settings, out: TextIO) -> int:
     for index, source in enumerate(policy.sources):
         what = source.match.describe() if source.match else "everything"
         extra = "  [requires whitelist]" if source.require_whitelist else ""
+        if source.fairness.fair_by != "none":
+            extra += f"  [fair by {source.fairness.fair_by}]"
         print(
             f"  [{index}] {source.name:<{width}}  priority {source.priority:<3}  {what}{extra}",
             file=out,

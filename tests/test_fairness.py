@@ -323,3 +323,37 @@ def test_a_forgotten_tenant_coming_back_is_not_confused_with_its_old_entries() -
     level.push(back)
     order = [serve(level).tenant for _ in range(9)]
     assert order.count("a") == 1 and sorted(set(order)) == ["a", "b", "c"]
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(st.integers(1, 1000), min_size=20, max_size=200),
+    st.lists(st.integers(1, 1000), min_size=20, max_size=200),
+    st.sampled_from([1.0, 2.0, 3.0]),
+)
+def test_two_backlogged_tenants_never_drift_apart_by_more_than_the_papers_bound(
+    costs_a: list[int], costs_b: list[int], weight_a: float
+) -> None:
+    """Sheng et al.'s bound, 2U with U the largest request cost: over any interval while
+    both are backlogged, the weighted service of two tenants differs by at most that, with
+    estimates that are wrong (a flat 500) and corrected at the end."""
+    level = FairLevel()
+    costs = {"a": iter(costs_a), "b": iter(costs_b)}
+    for name, count, weight in (("a", len(costs_a), weight_a), ("b", len(costs_b), 1.0)):
+        for _ in range(count):
+            level.push(ticket(name, estimate=500, weight=weight))
+    served = {"a": 0.0, "b": 0.0}
+    left = {"a": len(costs_a), "b": len(costs_b)}
+    low = high = 0.0
+    while all(left.values()):  # both backlogged
+        head = level.head()
+        assert head is not None
+        name = head.tenant or ""
+        cost = next(costs[name])
+        left[name] -= 1
+        level.pop(head)
+        level.finished(head, float(cost))
+        served[name] += cost / head.weight
+        low, high = min(low, served["a"] - served["b"]), max(high, served["a"] - served["b"])
+    bound = 2 * max(max(costs_a) / weight_a, max(costs_b), 500 / weight_a, 500.0)
+    assert high - low <= bound

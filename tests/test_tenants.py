@@ -177,6 +177,7 @@ def test_the_cookbook_fair_share_recipes_pass_check_and_explain_as_printed(
     config = tmp_path / "seadragon.yaml"
     config.write_text(yaml.safe_dump(doc))
     assert main(["check", "--config", str(config)]) == 0
+    assert "[fair by " in capsys.readouterr().out
     words = shlex.split(command)
     assert words[0] == "seadragon-proxy"
     assert main([*words[1:], "--config", str(config)]) == 0
