@@ -323,7 +323,8 @@ async def _explain(args: argparse.Namespace, settings: Settings, out: TextIO) ->
     source = decision.source
     print(f"source:    {source.name} (priority {source.priority})", file=out)
     print(f"decided:   {decision.explain()}", file=out)
-    print(f"tenant:    {describe_tenant(source, str(ip), headers)}", file=out)
+    tenant = describe_tenant(source, str(ip), headers) if route.queued else "none (never queued)"
+    print(f"tenant:    {tenant}", file=out)
     state = "is on" if whitelisted else "is not on"
     print(f"whitelist: {ip} {state} the whitelist ({where})", file=out)
     if source.require_whitelist and not whitelisted:
