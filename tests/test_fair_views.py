@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import io
 import sqlite3
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from seadragon_proxy.cli import main
 from seadragon_proxy.history import History
 from seadragon_proxy.typedefs import HISTORY
 
@@ -83,13 +81,13 @@ async def test_history_records_the_tenant_and_stats_groups_by_it(
     assert (tenants["team/alice"]["requests"], tenants["team/alice"]["tokens"]) == (2, 6)
     assert (tenants["team/bob"]["requests"], tenants["team/bob"]["tokens"]) == (1, 7)
 
-    def stats(*extra: str) -> str:
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            assert main(["stats", "--config", str(proxy.config_path), *extra]) == 0
-        return out.getvalue()
-
-    table = await asyncio.to_thread(stats, "--by", "tenant")
+    command = await asyncio.create_subprocess_exec(  # the real command, in its own process
+        sys.executable, "-m", "seadragon_proxy", "stats", "--config", str(proxy.config_path),
+        "--by", "tenant", stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    printed, _ = await command.communicate()
+    assert command.returncode == 0
+    table = printed.decode()
     lines = table.splitlines()
     assert lines[2].split()[0] == "tenant"
     assert any(line.split()[:2] == ["team/alice", "2"] for line in lines)
