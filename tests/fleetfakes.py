@@ -42,8 +42,10 @@ class ResidentFake(FakeOllama):
         ]
         return web.json_response({"models": models})
 
-    def _final(self, model: str, count: int, *, chat: bool) -> dict[str, Any]:
-        out = super()._final(model, count, chat=chat)
+    def _final(
+        self, model: str, count: int, *, chat: bool, load_ns: int = 1_000_000
+    ) -> dict[str, Any]:
+        out = super()._final(model, count, chat=chat, load_ns=load_ns)
         if model not in self.loaded:
             self.loads += 1
             self.loaded = [*self.loaded, model][-self.max_loaded :]
