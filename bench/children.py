@@ -127,6 +127,14 @@ def proxy_config(workdir: Path, upstream: str) -> dict[str, Any]:
         {"name": name, "priority": priority, "match": {"header": {"X-Test-Source": name}}}
         for name, priority in SOURCES.items()
     ]
+    sources.append(  # scenario 7: one source split into tenants by a header
+        {
+            "name": "tenants",
+            "priority": 7,
+            "match": {"header": {"X-Test-Source": "tenants"}},
+            "fair_by": "header:X-Tenant",
+        }
+    )
     sources.append({"name": "direct_api", "priority": DEFAULT_PRIORITY, "require_whitelist": True})
     return {
         "server": {"host": "127.0.0.1", "port": 0, "shutdown_grace": 2},

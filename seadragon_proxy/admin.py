@@ -8,6 +8,7 @@ import asyncio
 import json
 import math
 import time
+from collections import Counter
 from dataclasses import asdict
 
 from aiohttp import web
@@ -19,7 +20,8 @@ from .exceptions import BadRequest, DatabaseError, Forbidden, NotFound, Unavaila
 from .history import History, parse_since, summarize, timeseries
 from .httputil import client_ip
 from .scheduling import Scheduler, Ticket, servers_view
-from .typedefs import FLEET, HISTORY, LIVE, METRICS, SCHEDULER, UPSTREAM
+from .tenancy import Tenancy
+from .typedefs import FLEET, HISTORY, LIVE, METRICS, PROXY, SCHEDULER, UPSTREAM
 
 
 def authorize(request: web.Request, *, metrics: bool = False) -> None:
@@ -45,6 +47,7 @@ def ticket_view(
         "path": ticket.path,
         "model": ticket.model,
         "client_ip": ticket.client_ip,
+        "tenant": ticket.tenant,
         "wait_time": round(ticket.waited(now), 3),
     }
     if ticket.server is not None and not waiting:
@@ -57,13 +60,54 @@ def ticket_view(
     return view
 
 
+def tenants_view(
+    tenancy: Tenancy, queued: list[Ticket], running: list[Ticket], top: int = 10
+) -> list[dict[str, object]]:
+    """Who waits and runs now, and each tenant's share of the tokens of the last hour: the
+    ``top`` tenants by tokens (those waiting or running always listed), the rest "other"."""
+    waiting = Counter(t.tenant or t.source for t in queued)
+    busy = Counter(t.tenant or t.source for t in running)
+    hour = tenancy.book.hour(tenancy.scheduler.now())
+    total = sum(hour.values())
+    names = set(waiting) | set(busy)
+    ranked = sorted(hour, key=lambda n: -hour[n])
+    names.update(ranked[:top])
+    rows: list[dict[str, object]] = []
+    for name in sorted(names, key=lambda n: (-hour.get(n, 0), -waiting[n], n)):
+        tokens = hour.get(name, 0)
+        rows.append(
+            {
+                "tenant": name,
+                "waiting": waiting[name],
+                "running": busy[name],
+                "tokens_last_hour": tokens,
+                "share": round(tokens / total, 4) if total else 0.0,
+            }
+        )
+    rest = [n for n in hour if n not in names]
+    if rest:
+        tokens = sum(hour[n] for n in rest)
+        rows.append(
+            {
+                "tenant": "other",
+                "waiting": 0,
+                "running": 0,
+                "tokens_last_hour": tokens,
+                "share": round(tokens / total, 4) if total else 0.0,
+            }
+        )
+    return rows
+
+
 async def queue_view(request: web.Request) -> web.Response:
     authorize(request)
     scheduler = request.app[SCHEDULER]
     upstream = request.app[UPSTREAM]  # the first server (Part 1's one)
     now = scheduler.now()
+    queued = scheduler.queued()
+    running_tickets = scheduler.running()
     running = []
-    for ticket in scheduler.running():
+    for ticket in running_tickets:
         view = ticket_view(ticket, scheduler, now, waiting=False)
         view["running_time"] = round(now - ticket.started_at, 3)
         running.append(view)
@@ -74,7 +118,8 @@ async def queue_view(request: web.Request) -> web.Response:
             "slots": scheduler.slots,
             "processing": bool(running),  # a boolean, as the seed's admin panel reads it
             "running": running,
-            "entries": [ticket_view(t, scheduler, now) for t in scheduler.queued()],
+            "entries": [ticket_view(t, scheduler, now) for t in queued],
+            "tenants": tenants_view(request.app[PROXY].tenancy, queued, running_tickets),
             "upstream": {"url": str(upstream.url), "health": upstream.health.value},
             "servers": list(servers_view(scheduler.servers)),
         }

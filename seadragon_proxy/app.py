@@ -26,7 +26,7 @@ from .middlewares import (
 )
 from .proxy import Proxy
 from .record import Recorder
-from .scheduling import Scheduler, Server, Ticket
+from .scheduling import FairLevel, Scheduler, Server, Ticket
 from .settings import Settings
 from .startcheck import StartCheck
 from .typedefs import (
@@ -60,6 +60,7 @@ def create_app(settings: Settings) -> web.Application:
         aging=q.aging,
         servers=servers,
         affinity=q.affinity,
+        level_factory=lambda priority: FairLevel(),  # fair between tenants within a level
     )
     live = Live(settings, scheduler, WhitelistStore(settings.whitelist.database))
     targets = [(s, e.url) for s, e in zip(servers, settings.fleet, strict=True)]
@@ -67,7 +68,7 @@ def create_app(settings: Settings) -> web.Application:
     recorder = Recorder()
     proxy = Proxy(live, scheduler, fleet, recorder)
     scheduler.add_listener(_log_queue_event)
-    metrics = Metrics(scheduler)
+    metrics = Metrics(scheduler, proxy.tenancy.book)
     recorder.listeners.append(metrics.observe)
     live.listeners.append(metrics.reloaded)
     history = None

@@ -27,6 +27,7 @@ from .netaddr import LOOPBACK, NetworkSet, parse_address
 from .policy import RequestFacts
 from .routes import classify
 from .settings import Settings, config_path, load_settings
+from .tenants import describe_tenant
 from .textsafe import SafeText, escape
 from .whitelist import WhitelistStore
 
@@ -103,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="24h",
         type=_since,
         help="a duration (30m, 24h, 7d) or an ISO time (default 24h)",
+    )
+    stats.add_argument(
+        "--by",
+        choices=("source", "model", "tenant"),
+        action="append",
+        help="the tables to print, repeatable (default source and model)",
     )
     stats.add_argument("--json", action="store_true", help="print JSON (as /api/admin/stats)")
 
@@ -240,6 +247,8 @@ def _check(settings: Settings, out: TextIO) -> int:
     for index, source in enumerate(policy.sources):
         what = source.match.describe() if source.match else "everything"
         extra = "  [requires whitelist]" if source.require_whitelist else ""
+        if source.fairness.fair_by != "none":
+            extra += f"  [fair by {source.fairness.fair_by}]"
         print(
             f"  [{index}] {source.name:<{width}}  priority {source.priority:<3}  {what}{extra}",
             file=out,
@@ -263,7 +272,9 @@ async def _stats(args: argparse.Namespace, settings: Settings, out: TextIO) -> i
         return 0
     doc = summary.as_dict()
     print(f"requests from {doc['since']} to {doc['until']} ({path})", file=out)
-    for key, groups in (("source", summary.sources), ("model", summary.models)):
+    tables = {"source": summary.sources, "model": summary.models, "tenant": summary.tenants}
+    for key in args.by or ("source", "model"):
+        groups = tables[key]
         print(file=out)
         if not groups:
             print(f"no requests by {key}", file=out)
@@ -321,6 +332,8 @@ async def _explain(args: argparse.Namespace, settings: Settings, out: TextIO) ->
     source = decision.source
     print(f"source:    {source.name} (priority {source.priority})", file=out)
     print(f"decided:   {decision.explain()}", file=out)
+    tenant = describe_tenant(source, str(ip), headers) if route.queued else "none (never queued)"
+    print(f"tenant:    {tenant}", file=out)
     state = "is on" if whitelisted else "is not on"
     print(f"whitelist: {ip} {state} the whitelist ({where})", file=out)
     if source.require_whitelist and not whitelisted:

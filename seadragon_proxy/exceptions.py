@@ -9,6 +9,7 @@
         ├── NotFound             404  an admin resource that does not exist
         ├── PayloadTooLarge      413  body over server.max_body or server.max_json_elements
         ├── UnsupportedEncoding  415  a request body with a Content-Encoding the route cannot take
+        ├── TenantLimited        429  a tenant's limits.max_queued or limits.tokens_per_hour
         ├── RequestTimeout       408  the client stopped sending its body
         ├── UpstreamUnavailable  502  Ollama refuses connections or hung up before answering
         ├── QueueFull            503  queue.max_size reached (Ollama's own message)
@@ -86,6 +87,18 @@ class PayloadTooLarge(RequestError):
 class UnsupportedEncoding(RequestError):
     status = 415
     openai_type = "invalid_request_error"
+
+
+class TenantLimited(RequestError):
+    """A tenant of a source is over one of its ``limits``; ``limit`` names which."""
+
+    status = 429
+
+    def __init__(self, message: str, *, limit: str, retry_after: int) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.limit = limit
+        # OpenAI's own types for a rate limit: on requests, or on tokens.
+        self.openai_type = "tokens" if limit == "tokens_per_hour" else "requests"
 
 
 class UpstreamUnavailable(RequestError):

@@ -56,17 +56,24 @@ _SCHEMA = (
         hung_up           INTEGER NOT NULL,
         error             TEXT,
         server            TEXT,               -- the Ollama server it ran on (its name)
-        swapped           INTEGER NOT NULL DEFAULT 0  -- 1: starting it loaded its model
+        swapped           INTEGER NOT NULL DEFAULT 0,  -- 1: starting it loaded its model
+        tenant            TEXT                -- who it counted for in fair shares
     )
     """,
     "CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts)",
 )
-# Columns added after the first release: a database written before gets them on open.
+# Columns added since the first schema, each with the ALTER that adds it to an older file.
 _ADDED = (
     ("server", "ALTER TABLE requests ADD COLUMN server TEXT"),
     ("swapped", "ALTER TABLE requests ADD COLUMN swapped INTEGER NOT NULL DEFAULT 0"),
+    ("tenant", "ALTER TABLE requests ADD COLUMN tenant TEXT"),  # fair shares (issue 9)
 )
-_INSERT = f"INSERT INTO requests VALUES ({', '.join('?' * 20)})"  # noqa: S608 - placeholders
+_COLUMNS = (
+    "ts, request_id, source, priority, client_ip, method, route, model, status, queued, "
+    "queue_wait, upstream_time, bytes, eval_count, prompt_eval_count, eval_seconds, hung_up, "
+    "error, server, swapped, tenant"
+)
+_INSERT = f"INSERT INTO requests ({_COLUMNS}) VALUES ({', '.join('?' * 21)})"  # noqa: S608
 
 Row = tuple[object, ...]
 
@@ -91,7 +98,7 @@ def as_row(r: RequestRecord) -> Row:
         r.status, int(r.queued), r.queue_wait, r.upstream_time, r.bytes_out,
         u.eval_count if u else 0, u.prompt_eval_count if u else 0,
         u.eval_duration_ns / 1e9 if u else 0.0, int(r.hung_up), storable(r.error),
-        r.server, int(r.swapped),
+        storable(r.server), int(r.swapped), storable(r.tenant),
     )  # fmt: skip
 
 
@@ -102,9 +109,9 @@ async def connect(path: Path, *, create: bool = False) -> AsyncIterator[aiosqlit
         for statement in _SCHEMA:
             await db.execute(statement)
         columns = {row[1] for row in await db.execute_fetchall("PRAGMA table_info(requests)")}
-        for column, statement in _ADDED:
-            if column not in columns:
-                await db.execute(statement)
+        for column, alter in _ADDED:
+            if column not in columns:  # a file from an older version: migrate it in place
+                await db.execute(alter)
         yield db
 
 
@@ -269,6 +276,7 @@ class Summary:
     sources: Sequence[GroupStats]
     models: Sequence[GroupStats]
     servers: Sequence[ServerStats] = ()
+    tenants: Sequence[GroupStats] = ()
 
     def as_dict(self) -> dict[str, object]:
         def iso(t: float) -> str:
@@ -282,6 +290,7 @@ class Summary:
             "sources": [g.as_dict("source") for g in self.sources],
             "models": [g.as_dict("model") for g in self.models],
             "servers": [g.as_dict() for g in self.servers],
+            "tenants": [g.as_dict("tenant") for g in self.tenants],
         }
 
 
@@ -302,6 +311,13 @@ _GROUP_SQL = {
         "WHERE ts >= ? AND ts < ? GROUP BY model ORDER BY COUNT(*) DESC",
         "SELECT queue_wait FROM requests WHERE ts >= ? AND ts < ? AND queued = 1 "
         "AND model IS ? ORDER BY queue_wait LIMIT 1 OFFSET ?",
+    ),
+    "tenant": (
+        "SELECT tenant, COUNT(*), SUM(status >= 400 OR (error IS NOT NULL AND hung_up = 0)), "
+        "SUM(hung_up), SUM(queued), SUM(eval_count), SUM(prompt_eval_count) FROM requests "
+        "WHERE ts >= ? AND ts < ? AND tenant IS NOT NULL GROUP BY tenant ORDER BY COUNT(*) DESC",
+        "SELECT queue_wait FROM requests WHERE ts >= ? AND ts < ? AND queued = 1 "
+        "AND tenant IS ? ORDER BY queue_wait LIMIT 1 OFFSET ?",
     ),
 }
 
@@ -329,7 +345,7 @@ async def _groups(
 
 
 async def summarize(path: Path, since: float, until: float | None = None) -> Summary:
-    """Counts, waits, tokens and errors per source and per model since ``since``."""
+    """Counts, waits, tokens and errors per source, model and tenant since ``since``."""
     end = time.time() if until is None else until
     async with connect(path) as db:
         servers = await db.execute_fetchall(
@@ -343,6 +359,7 @@ async def summarize(path: Path, since: float, until: float | None = None) -> Sum
             await _groups(db, "source", since, end),
             await _groups(db, "model", since, end),
             [ServerStats(name, count, swaps or 0) for name, count, swaps in servers],
+            await _groups(db, "tenant", since, end),
         )
 
 

@@ -19,12 +19,14 @@ from prometheus_client.registry import Collector
 from .record import RequestRecord
 from .routes import INFERENCE_PATHS, JSON_PATHS
 from .scheduling import Health, Scheduler
+from .tenants import TenantBook
 
 KNOWN_ROUTES = INFERENCE_PATHS | JSON_PATHS | {
     "/", "/api/version", "/api/tags", "/api/ps", "/api/me", "/api/signout", "/v1/models",
 }  # fmt: skip
 WAIT_BUCKETS = (0.005, 0.05, 0.25, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 DURATION_BUCKETS = (0.05, 0.25, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+TOP_TENANTS = 10
 TPS_BUCKETS = (1, 2, 5, 10, 15, 20, 30, 50, 75, 100, 150, 250, 500)
 
 
@@ -95,8 +97,32 @@ class QueueCollector(Collector):
         yield from (up, slots, busy, loaded, swaps, cost)
 
 
+class TenantCollector(Collector):
+    """Fair-share tenants: the top ``TOP_TENANTS`` by tokens of the last hour (and waiting),
+    the rest summed as ``other`` — the label's values stay bounded however many there are."""
+
+    def __init__(self, scheduler: Scheduler, book: TenantBook) -> None:
+        self.scheduler = scheduler
+        self.book = book
+
+    def collect(self) -> Iterable[Metric]:
+        tokens = GaugeMetricFamily(
+            "seadragon_tenant_tokens_last_hour",
+            "Prompt + generated tokens of the last hour, by tenant (top tenants, then other).",
+            labels=["tenant"],
+        )
+        waiting = GaugeMetricFamily(
+            "seadragon_tenant_waiting", "Requests waiting, by tenant (top, then other).",
+            labels=["tenant"],
+        )  # fmt: skip
+        for name, used, queued in self.book.shares(self.scheduler.now(), top=TOP_TENANTS):
+            tokens.add_metric([name], used)
+            waiting.add_metric([name], queued)
+        yield from (tokens, waiting)
+
+
 class Metrics:
-    def __init__(self, scheduler: Scheduler) -> None:
+    def __init__(self, scheduler: Scheduler, tenants: TenantBook | None = None) -> None:
         self.registry = r = CollectorRegistry()
         self.requests = Counter(
             "seadragon_requests", "Finished requests.",
@@ -139,6 +165,11 @@ class Metrics:
             "Ollama failures: unreachable, timeout, broke_off (mid-stream), status_5xx.",
             ["kind"], registry=r,
         )  # fmt: skip
+        self.tenant_limited = Counter(
+            "seadragon_tenant_limited",
+            "Requests refused (429) because their tenant is over a limit of its source.",
+            ["source", "limit"], registry=r,
+        )  # fmt: skip
         self.hangups = Counter(
             "seadragon_client_hangups", "Clients that left before their answer was complete.",
             ["source"], registry=r,
@@ -148,6 +179,8 @@ class Metrics:
             ["what", "result"], registry=r,
         )  # fmt: skip
         r.register(QueueCollector(scheduler))
+        if tenants is not None:
+            r.register(TenantCollector(scheduler, tenants))
         self._models: set[str] = set()
         # Label lookups take a lock and hash the values each time: keep the children.
         self._request_children: dict[tuple[str, str, str, str], Any] = {}
@@ -210,6 +243,8 @@ class Metrics:
                 speed.observe(usage.tokens_per_second)
         if record.refusal == "whitelist":
             self.refusals.labels(source).inc()
+        elif record.refusal in ("max_queued", "tokens_per_hour"):
+            self.tenant_limited.labels(source, record.refusal).inc()
         if record.upstream_error:
             self.upstream_errors.labels(record.upstream_error).inc()
         if record.hung_up:

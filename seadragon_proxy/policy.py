@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 from .netaddr import IPAddress, NetworkSet
+from .tenants import Fairness
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +122,7 @@ class Source:
     match: Match | None = None
     require_whitelist: bool = False
     max_wait: float | None = None  # seconds; None = queue.max_wait, 0 = no limit
+    fairness: Fairness = field(default_factory=Fairness)  # fair_by, weights, limits
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,14 @@ from .bodies import (
     write_within,
 )
 from .defaults import ROUTES as DEFAULT_ROUTES
-from .exceptions import Forbidden, LoopDetected, NotFound, UpstreamTimeout, UpstreamUnavailable
+from .exceptions import (
+    Forbidden,
+    LoopDetected,
+    NotFound,
+    TenantLimited,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from .fleetmeta import SERVER_HEADER, fleet_metadata
 from .httputil import broke_off_words, client_ip, client_label, not_whitelisted, request_id
 from .live import Live
@@ -40,6 +47,7 @@ from .record import Recorder, RequestRecord
 from .routes import Route, classify
 from .scheduling import Scheduler, Slot, Ticket
 from .settings import Settings
+from .tenancy import Tenancy
 from .upstream import Fleet, Health, Upstream, looped, request_headers, response_headers
 from .usage import UsageTail
 
@@ -75,6 +83,7 @@ class Proxy:
         self.scheduler = scheduler
         self.fleet = fleet
         self.recorder = recorder
+        self.tenancy = Tenancy(scheduler)
         self.active: set[asyncio.Task[object]] = set()
         self.stopping = False
         self.bodies = BodyMemory(live.settings.server.max_body_memory)
@@ -110,6 +119,8 @@ class Proxy:
                 record.upstream_error = "unreachable"
             elif isinstance(e, UpstreamTimeout):
                 record.upstream_error = "timeout"
+            elif isinstance(e, TenantLimited):
+                record.refusal = e.limit
             raise
         finally:
             self.active.discard(task)
@@ -205,6 +216,10 @@ class Proxy:
             client_ip=record.client_ip,
             max_wait=source.max_wait,
         )
+        try:
+            self.tenancy.admit(ticket, source, request.headers, len(body or b""))
+        finally:
+            record.tenant = ticket.tenant
         record.queued = True
         retried = False
         while True:
@@ -219,7 +234,7 @@ class Proxy:
             try:
                 response = await self._send(upstream, request, route, headers, data, retry=False)
             except UpstreamUnavailable as e:
-                slot.release()
+                slot.release(0.0 if not e.reached else None)  # unreached: it cost nothing
                 if not e.reached and upstream.health is Health.DOWN:
                     continue  # that server is restarting: keep our place, maybe go elsewhere
                 if e.reached and not retried:
@@ -309,14 +324,17 @@ class Proxy:
                 sent_end = (sent_end + chunk)[-2:]
             finished = True
             upstream.release()  # the connection goes back to the pool before the slot is handed on
-            if slot is not None:
-                slot.release()
-            record.upstream_time = self.scheduler.now() - started
             if tail is not None:
                 record.usage = tail.usage()
                 usage = record.usage
                 if slot is not None and usage is not None and usage.load_duration_ns:
                     slot.report_load(usage.load_duration_ns / 1e9)  # teaches the swap cost
+            if slot is not None:  # the real cost corrects the estimate it was charged
+                output_weight = self.live.settings.queue.output_weight
+                charge = self.tenancy.cost(record.usage, output_weight)
+                slot.release(charge)
+                self.tenancy.used(slot.ticket, record.usage, charge)
+            record.upstream_time = self.scheduler.now() - started
             await response.write_eof()
             return response
         except asyncio.CancelledError:

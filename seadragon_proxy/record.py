@@ -32,7 +32,8 @@ class RequestRecord:
     usage: Usage | None = None
     hung_up: bool = False
     error: str | None = None
-    refusal: str | None = None  # whitelist, origin, host, manage_models: what refused it
+    refusal: str | None = None  # whitelist, origin, host, manage_models, max_queued, ...
+    tenant: str | None = None  # who it counts for in fair shares: "source" or "source/value"
     user_agent: str | None = None
     upstream_error: str | None = None  # unreachable, timeout, broke_off, status_5xx
     pinned: str | None = None  # "num_ctx 32768->8192": what a defaults `force:` replaced
@@ -58,6 +59,10 @@ class RequestRecord:
             out["server"] = self.server
         if self.swapped:
             out["swapped"] = True
+        if self.tenant and self.tenant != self.source:
+            out["tenant"] = self.tenant
+        if self.refusal in ("max_queued", "tokens_per_hour"):
+            out["limit"] = self.refusal
         if self.pinned:
             out["pinned"] = self.pinned
         if self.queued:  # the real wait, whether it ended in a turn, a 503 or a hang-up

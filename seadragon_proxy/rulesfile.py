@@ -7,6 +7,7 @@ from .configfile import Section, clip, describe
 from .defaults import PINNABLE, KeepAlive, OptionValue, RequestDefaults
 from .netaddr import NetworkSet, parse_network
 from .policy import Glob, Match, Policy, Source
+from .tenants import Fairness, TenantLimits, valid_fair_by
 
 _SCALARS = (str, int, float, bool)
 
@@ -99,6 +100,7 @@ def parse_policy(top: Section) -> Policy:
             match=_match(s.section("match")) if s.has("match") else None,
             require_whitelist=s.flag("require_whitelist", False),
             max_wait=s.seconds("max_wait", 0.0) if s.has("max_wait") else None,
+            fairness=_fairness(s),
         )
         s.done()
         sources.append(source)
@@ -114,6 +116,37 @@ def parse_policy(top: Section) -> Policy:
             f"{describe(default_name)} names no source (sources are: {listed}{more})",
         )
     return Policy(sources=tuple(sources), default=default)
+
+
+def _fairness(s: Section) -> Fairness:
+    """``fair_by``, ``weights`` and ``limits`` of one source."""
+    fair_by = s.text("fair_by", "none")
+    problem = valid_fair_by(fair_by)
+    if problem is not None:
+        s.fail("fair_by", problem)
+    weights: list[tuple[str, float]] = []
+    if s.has("weights"):
+        w = s.section("weights")
+        if fair_by == "none" and w.raw:
+            s.fail("weights", "needs fair_by (client_ip, api_key or header:<Name>) to name tenants")
+        for name in list(w.raw):
+            value = w.get(name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                w.fail(name, f"must be a number above 0 (a tenant's share), got {value!r}")
+            if value > 1000:
+                w.fail(name, f"must be at most 1000, got {value!r}")
+            weights.append((name, float(value)))
+        w.done()
+    limits = TenantLimits()
+    if s.has("limits"):
+        lim = s.section("limits")
+        limits = TenantLimits(
+            max_queued=lim.integer("max_queued", 0, min=0),
+            max_in_flight=lim.integer("max_in_flight", 0, min=0),
+            tokens_per_hour=lim.integer("tokens_per_hour", 0, min=0),
+        )
+        lim.done()
+    return Fairness(fair_by=fair_by, weights=tuple(weights), limits=limits)
 
 
 def _globs(s: Section, name: str) -> tuple[Glob, ...]:

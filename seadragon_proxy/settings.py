@@ -109,6 +109,7 @@ class QueueSettings:
     max_wait: float = 0.0  # 0 = no limit
     aging: float = 0.0  # 0 = strict priority
     affinity: Affinity = field(default_factory=Affinity)  # max_defer 0 = off
+    output_weight: float = 2.0  # queue.fairness.output_weight: an output token's cost in input
 
 
 @dataclass(frozen=True, slots=True)
@@ -404,6 +405,7 @@ def _queue(s: Section) -> QueueSettings:
         max_wait=s.seconds("max_wait", d.max_wait),
         aging=s.seconds("aging", d.aging),
         affinity=_affinity(s.section("affinity")) if s.has("affinity") else Affinity(),
+        output_weight=_output_weight(s.section("fairness"), d.output_weight),
     )
     s.done()
     return result
@@ -417,6 +419,16 @@ def _affinity(s: Section) -> Affinity:
     )
     s.done()
     return result
+
+
+def _output_weight(s: Section, default: float) -> float:
+    value = s.get("output_weight")
+    if value is None:
+        value = default
+    elif isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 100:
+        s.fail("output_weight", f"must be a number from 0 to 100 (2 = the paper's), got {value!r}")
+    s.done()
+    return float(value)
 
 
 def _whitelist(s: Section, base: Path) -> WhitelistSettings:

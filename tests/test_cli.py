@@ -77,6 +77,7 @@ def test_explain_a_coding_tool(capsys: pytest.CaptureFixture[str], config: Path)
     assert "source:    coding (priority 0)" in out
     assert "rule sources[0] 'coding' matched: user_agent 'Continue/1.2 (vscode)'" in out
     assert "queued at priority 0" in out
+    assert "tenant:    coding (fair_by none: the whole source is one tenant)" in out
 
 
 def test_explain_a_spoofed_user_agent_from_a_stranger(
@@ -102,6 +103,7 @@ def test_explain_a_metadata_route(capsys: pytest.CaptureFixture[str], config: Pa
         capsys, "explain", "--config", str(config), "--method", "GET", "--path", "/api/tags"
     )
     assert code == 0 and "forwarded at once" in out
+    assert "tenant:    none (never queued)" in out
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ from ipaddress import ip_address
 import pytest
 from playwright.async_api import Browser, ConsoleMessage, Error, Page, async_playwright, expect
 
-from .conftest import MODEL, Proxy, ProxyFactory
+from .conftest import BASE_CONFIG, MODEL, Proxy, ProxyFactory
 
 CHROMIUM = os.environ.get("SEADRAGON_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -308,3 +308,40 @@ async def test_servers_panel_shows_slots_loaded_models_and_swaps(
     await expect(row.locator("[data-col=loaded]")).to_have_text(MODEL)
     await expect(row.locator("[data-col=swaps]")).to_have_text("1")
     assert dashboard.console_errors == [] and dashboard.page_errors == []
+
+
+async def test_tenants_panel_shows_who_waits_and_the_shares(
+    make_proxy: ProxyFactory, browser: Browser
+) -> None:
+    """Fair shares: each tenant waiting, and its share of the last hour's tokens."""
+    team = {
+        "name": "team",
+        "priority": 5,
+        "match": {"header": {"X-Test-Source": "team"}},
+        "fair_by": "header:X-User",
+    }
+    proxy = await make_proxy({"sources": [team, *BASE_CONFIG["sources"]]})
+    headers = {"X-Test-Source": "team", "X-User": "ann"}
+    body = {"model": MODEL, "prompt": "x"}
+    for _ in range(3):
+        assert (await proxy.collect("/api/generate", body, headers))[0] == 200
+    assert (await proxy.collect("/api/generate", body, {**headers, "X-User": "bo"}))[0] == 200
+    dashboard = await open_dashboard(browser, proxy)
+    page = dashboard.page
+    gate = proxy.fake.gate("hold")
+    held = asyncio.create_task(
+        proxy.collect("/api/generate", {**body, "prompt": "gate:hold"}, headers)
+    )
+    await proxy.fake.wait_for(5)
+    waiting = asyncio.create_task(proxy.collect("/api/generate", body, {**headers, "X-User": "bo"}))
+    await proxy.watch.queued(1)
+    ann = page.locator("[data-testid=tenant-row][data-tenant='team/ann']")
+    bo = page.locator("[data-testid=tenant-row][data-tenant='team/bo']")
+    await expect(ann.locator("[data-col=running]")).to_have_text("1")
+    await expect(ann.locator("[data-col=share]")).to_have_text("75%")
+    await expect(bo.locator("[data-col=waiting]")).to_have_text("1")
+    await expect(bo.locator("[data-col=share]")).to_have_text("25%")
+    gate.set()
+    assert [s for s, _ in await asyncio.gather(held, waiting)] == [200, 200]
+    await expect(bo.locator("[data-col=waiting]")).to_have_text("0")
+    assert not dashboard.console_errors and not dashboard.page_errors

@@ -171,7 +171,7 @@ async def test_retention_prunes_by_count_and_age(make_proxy: ProxyFactory) -> No
     with sqlite3.connect(history.path) as db:
         db.execute(
             "INSERT INTO requests VALUES (?, 'old', 'chat', 5, '10.0.0.1', 'POST', '/api/chat', "
-            "'m', 200, 1, 0, 0, 0, 0, 0, 0, 0, NULL, NULL, 0)",
+            "'m', 200, 1, 0, 0, 0, 0, 0, 0, 0, NULL, NULL, 0, NULL)",  # server, swapped, tenant
             (time.time() - 40 * 86400,),
         )
     for i in range(8):

@@ -1,6 +1,7 @@
 """The scenarios; each is ``async def run(bench) -> list[Row]`` and measures every target
 in turn (or interleaved, where drift on a noisy machine would bias the comparison).
-7-9 are the fleet's: they start fakes with residency (and nginx, a fleet proxy) of their own."""
+7-9 are the fleet's: they start fakes with residency (and nginx, a fleet proxy) of their own;
+10 is fair shares."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import Awaitable, Callable
 
 from ..context import Bench
 from ..report import Row
-from . import dispatch, fleet, handoff, latency, priority, scale, swaps, throughput
+from . import dispatch, fairness, fleet, handoff, latency, priority, scale, swaps, throughput
 
 Scenario = Callable[[Bench], Awaitable[list[Row]]]
 
@@ -23,4 +24,5 @@ SCENARIOS: dict[str, tuple[str, Scenario, float]] = {
     "7": ("fewer model swaps", swaps.run, 120),
     "8": ("fleet against round robin", fleet.run, 90),
     "9": ("fleet dispatch cost", dispatch.run, 150),
+    "10": ("fair shares", fairness.run, 120),
 }

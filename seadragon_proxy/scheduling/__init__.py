@@ -3,9 +3,11 @@
 - ``ticket.py``    one request's place in line
 - ``levels.py``    the waiters of one priority level, in the order that level serves them
 - ``servers.py``   one Ollama server: slots, loaded models, learned swap costs, health
+- ``fairness.py``  a level shared fairly between tenants (the Virtual Token Counter)
 - ``scheduler.py`` the levels compared by (aged) priority, affinity, the dispatch loop
 """
 
+from .fairness import FairLevel
 from .levels import FifoLevel, LevelQueue
 from .scheduler import Affinity, LevelFactory, Listener, Scheduler, Slot
 from .servers import Fit, Health, Server, servers_view
@@ -13,6 +15,7 @@ from .ticket import State, Ticket
 
 __all__ = [
     "Affinity",
+    "FairLevel",
     "FifoLevel",
     "Fit",
     "Health",

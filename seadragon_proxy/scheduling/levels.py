@@ -50,6 +50,10 @@ class LevelQueue(Protocol):
     def pop(self, ticket: Ticket) -> None:
         """``ticket`` (a ``head()`` just returned) is being served: out of line."""
 
+    def try_start(self, ticket: Ticket) -> bool:
+        """Nobody waits at any level and a slot is free: may ``ticket`` start without
+        queueing? ``True`` means it has started (and counts as served by this level)."""
+
     def finished(self, ticket: Ticket, tokens: float | None) -> None:
         """A ticket this level served has ended; ``tokens`` is its real cost, if known."""
 
@@ -103,6 +107,9 @@ class FifoLevel:
         del line[ticket]
         if not line:
             del self._models[ticket.model]
+
+    def try_start(self, ticket: Ticket) -> bool:
+        return True
 
     def finished(self, ticket: Ticket, tokens: float | None) -> None:
         pass

@@ -248,7 +248,7 @@ class Scheduler:
             ticket.key = self._key(ticket)
             if not self._paused and self._queued == 0:
                 server = self._place_alone(ticket)
-                if server is not None:
+                if server is not None and self._level(ticket.priority).try_start(ticket):
                     return self._start(ticket, server, now)
             if self._queued >= self._max_size:
                 ticket.state = State.DONE

@@ -27,10 +27,12 @@ class Ticket:
     client_ip: str
     max_wait: float | None = None  # the source's own limit; None = queue.max_wait
     # Fair shares (a level's queue may use them): who the request counts for, that
-    # tenant's weight, and what it is expected to cost in tokens.
+    # tenant's weight, what it is expected to cost in tokens, and how many of the
+    # tenant's requests may run at once (0 = no cap).
     tenant: str | None = None
     weight: float = 1.0
     estimate: float = 0.0
+    max_in_flight: int = 0
     state: State = State.NEW
     seq: int = 0
     enqueued_at: float = 0.0

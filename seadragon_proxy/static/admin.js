@@ -416,6 +416,7 @@
     more.textContent = hiddenCount > 0 ? `… and ${fmtCount(hiddenCount)} more waiting.` : "";
 
     renderServers(view.servers || []);
+    renderTenants(view.tenants || []);
     upstreamFromQueue = { ...view.upstream, at: Date.now() };
     renderUpstream();
   }
@@ -437,6 +438,28 @@
         cell("loaded", s.loaded.length ? s.loaded.join(", ") : "—", "mono"),
         cell("swap_cost", costs.length ? costs.join(", ") : "—", "mono"),
         cell("swaps", fmtCount(s.swaps), "num"),
+      ]);
+    }));
+  }
+
+  function renderTenants(tenants) {
+    const body = $("tenants-body");
+    if (!tenants.length) {
+      placeholder(body, 5, "No tenant has waited or used tokens in the last hour.");
+      body.firstChild.dataset.testid = "tenants-empty";
+      return;
+    }
+    body.replaceChildren(...tenants.map((t) => {
+      const percent = Math.round(Number(t.share) * 1000) / 10;
+      const fill = el("span", { className: "share-fill" });
+      fill.style.width = `${Math.min(100, percent)}%`; // CSSOM: the page's CSP allows no inline style
+      const bar = el("span", { className: "share-bar", title: `${percent}% of the last hour's tokens` }, [fill]);
+      return el("tr", { dataset: { testid: "tenant-row", tenant: t.tenant } }, [
+        cell("tenant", t.tenant, "mono"),
+        cell("waiting", fmtCount(t.waiting), "num"),
+        cell("running", fmtCount(t.running), "num"),
+        cell("tokens", fmtCount(t.tokens_last_hour), "num"),
+        cell("share", el("span", {}, [bar, ` ${percent}%`])),
       ]);
     }));
   }
@@ -464,6 +487,7 @@
     placeholder($("processing-body"), 7, NEEDS_TOKEN);
     placeholder($("queue-body"), 7, NEEDS_TOKEN);
     placeholder($("servers-body"), 6, NEEDS_TOKEN);
+    placeholder($("tenants-body"), 5, NEEDS_TOKEN);
     $("queue-more").hidden = true;
     upstreamFromQueue = null;
     renderUpstream();
