@@ -96,8 +96,8 @@ class Watch:
                 self._changed.clear()
                 await self._changed.wait()
 
-    async def queued(self, count: int) -> None:
-        await self.until(lambda: self.scheduler.queue_length == count)
+    async def queued(self, count: int, timeout: float = 10) -> None:
+        await self.until(lambda: self.scheduler.queue_length == count, timeout)
 
 
 @dataclass

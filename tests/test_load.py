@@ -186,7 +186,7 @@ async def test_python_heap_returns_to_its_baseline_after_a_burst(make_proxy: Pro
         for tag in ("t", "u", "v"):
             burst = Burst(session, proxy.url, proxy.fake, tag)
             await burst.queue(BURST)
-            await proxy.watch.queued(BURST)
+            await proxy.watch.queued(BURST, timeout=60)  # tracemalloc slows every allocation
             heap.append(tracemalloc.get_traced_memory()[0])
             assert all(await burst.release())
             del burst
