@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import aiohttp
 from aiohttp import web
@@ -29,7 +30,8 @@ from .bodies import (
 )
 from .defaults import ROUTES as DEFAULT_ROUTES
 from .exceptions import Forbidden, LoopDetected, UpstreamTimeout, UpstreamUnavailable
-from .httputil import client_ip, client_label, not_whitelisted, request_id
+from .httputil import client_ip, client_label, not_whitelisted, request_id, split_prefix
+from .keys import bearer
 from .live import Live
 from .logs import bind_request
 from .netaddr import IPAddress
@@ -83,7 +85,8 @@ class Proxy:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         settings = self.live.settings
-        route = classify(request.method, request.path)
+        prefix, path = split_prefix(request, settings.policy)
+        route = classify(request.method, path)
         ip = client_ip(request, settings)  # once: it walks X-Forwarded-For
         record = RequestRecord(
             id=request_id(request),
@@ -98,7 +101,7 @@ class Proxy:
         self.active.add(task)
         try:
             with self.bodies.hold() as hold:
-                return await self._serve(request, settings, route, record, ip, hold)
+                return await self._serve(request, settings, route, prefix, record, ip, hold)
         except asyncio.CancelledError:
             record.hung_up = not self.stopping
             record.error = record.error or ("shutdown" if self.stopping else "client hung up")
@@ -121,6 +124,7 @@ class Proxy:
         request: web.Request,
         settings: Settings,  # read once per request: one consistent policy throughout
         route: Route,
+        prefix: str | None,
         record: RequestRecord,
         ip: IPAddress | None,
         hold: Hold,
@@ -130,13 +134,19 @@ class Proxy:
                 f"request loop: upstream.url ({self.upstream.url}) leads back to this proxy; "
                 "point it at Ollama"
             )
-        whitelisted = ip is not None and ip in self.live.whitelist
-        strip_token = False
+        on_list = ip is not None and ip in self.live.whitelist
+        key = self.live.keys.identify(bearer(request.headers))
+        record.api_key = key
+        whitelisted = on_list or key is not None  # a known key proves who it is, as the list
+        strip_token = key is not None  # the proxy's key, not Ollama's: never forwarded
         if route.manages_models:  # its own permission, decided before any body is read
             record.refusal = "manage_models"
             grant = check_manage_models(request.headers, ip, whitelisted, settings.admin)
-            record.refusal, strip_token = None, grant == "token"
-        facts = RequestFacts(ip, route.path, request.headers, None, whitelisted)
+            record.refusal = None
+            strip_token = strip_token or grant == "token"
+        facts = RequestFacts(
+            ip, route.path, request.headers, None, whitelisted, prefix, key, on_list
+        )
         if not settings.policy.could_accept(facts):  # refused before its body is read
             raise self._not_whitelisted(record, settings.policy.classify(facts).source, ip)
         body: bytes | None = None
@@ -149,7 +159,7 @@ class Proxy:
             raw_encoding(request.headers)
         model = parsed.model if parsed else None
         record.model = model
-        facts = RequestFacts(ip, route.path, request.headers, model, whitelisted)
+        facts = replace(facts, model=model)
         decision = settings.policy.classify(facts)
         source = decision.source
         record.source, record.priority = source.name, source.priority
@@ -163,7 +173,7 @@ class Proxy:
                 record.pinned = pinned or None
         headers = request_headers(request.headers)
         headers.popall("Content-Encoding", None)  # JSON bodies are decoded; others plain
-        if strip_token:  # the admin token let it in: it is the proxy's secret, not Ollama's
+        if strip_token:  # an API key or the admin token: the proxy's secrets, not Ollama's
             headers.popall("Authorization", None)
         data: bytes | AsyncIterator[bytes] | None = body
         if body is None and request.body_exists:

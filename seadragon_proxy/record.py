@@ -36,6 +36,7 @@ class RequestRecord:
     user_agent: str | None = None
     upstream_error: str | None = None  # unreachable, timeout, broke_off, status_5xx
     pinned: str | None = None  # "num_ctx 32768->8192": what a defaults `force:` replaced
+    api_key: str | None = None  # the name of the known API key it carried (never the key)
 
     def fields(self) -> dict[str, object]:
         """The canonical line's key/values; zero-information fields are left out."""
@@ -52,6 +53,8 @@ class RequestRecord:
         }
         if self.pinned:
             out["pinned"] = self.pinned
+        if self.api_key:
+            out["api_key"] = self.api_key
         if self.queued:
             out["queue_wait"] = round(self.queue_wait, 4)
         if self.usage is not None:
