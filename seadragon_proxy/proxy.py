@@ -38,8 +38,9 @@ from .netaddr import IPAddress
 from .payload import JsonBody
 from .policy import RequestFacts, Source
 from .record import Recorder, RequestRecord
+from .retryplace import Identity, RetryPlaces, identity
 from .routes import Route, classify
-from .scheduling import Scheduler, Slot, Ticket
+from .scheduling import Place, Scheduler, Slot, Ticket
 from .settings import Settings
 from .upstream import Health, Upstream, looped, request_headers, response_headers
 from .usage import UsageTail
@@ -81,6 +82,7 @@ class Proxy:
         self.active: set[asyncio.Task[object]] = set()
         self.stopping = False
         self.bodies = BodyMemory(live.settings.server.max_body_memory)
+        self.places: RetryPlaces[Place] = RetryPlaces(window=live.settings.queue.retry_window)
         self.parser = JsonParser()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -197,10 +199,25 @@ class Proxy:
             max_wait=source.max_wait,
         )
         record.queued = True
+        places = self.places
+        places.window = settings.queue.retry_window
+        retry_key: Identity | None = None
+        if places and body is not None and ip is not None:  # hash only when a place is kept
+            retry_key = identity(record.client_ip, source.name, route.path, body)
+            place = places.take(retry_key, self.scheduler.now())
+            if place is not None and ticket.resume(place):
+                record.rejoined = True  # a retry of a request that hung up: its old place
         retried = False
         while True:
             try:
                 slot = await self.scheduler.acquire(ticket)
+            except asyncio.CancelledError:
+                record.left_queue = True  # hung up (or shutdown) while waiting for its turn
+                if places.window and body is not None and ip is not None and not self.stopping:
+                    if retry_key is None:
+                        retry_key = identity(record.client_ip, source.name, route.path, body)
+                    places.remember(retry_key, ticket.place(), self.scheduler.now())
+                raise
             finally:  # served, refused, timed out or gone: the wait so far is real either way
                 if ticket.enqueued_at:
                     record.queue_wait = self.scheduler.now() - ticket.enqueued_at

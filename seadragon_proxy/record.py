@@ -37,6 +37,8 @@ class RequestRecord:
     upstream_error: str | None = None  # unreachable, timeout, broke_off, status_5xx
     pinned: str | None = None  # "num_ctx 32768->8192": what a defaults `force:` replaced
     api_key: str | None = None  # the name of the known API key it carried (never the key)
+    left_queue: bool = False  # it went (hung up, shutdown) while still waiting for its turn
+    rejoined: bool = False  # a retry that took back the place its hung-up original had
 
     def fields(self) -> dict[str, object]:
         """The canonical line's key/values; zero-information fields are left out."""
@@ -62,8 +64,10 @@ class RequestRecord:
             out["prompt_eval_count"] = self.usage.prompt_eval_count
             if self.usage.tokens_per_second is not None:
                 out["tokens_per_second"] = round(self.usage.tokens_per_second, 2)
+        if self.rejoined:
+            out["rejoined"] = True
         if self.hung_up:
-            out["hung_up"] = True
+            out["hung_up"] = "while queued" if self.left_queue else True
         if self.error:
             out["error"] = self.error
         return out

@@ -91,6 +91,7 @@ class QueueSettings:
     max_size: int = 512
     max_wait: float = 0.0  # 0 = no limit
     aging: float = 0.0  # 0 = strict priority
+    retry_window: float = 10.0  # seconds a hung-up request's place is kept for its retry
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,6 +304,7 @@ def _queue(s: Section) -> QueueSettings:
         max_size=s.integer("max_size", d.max_size, min=1),
         max_wait=s.seconds("max_wait", d.max_wait),
         aging=s.seconds("aging", d.aging),
+        retry_window=s.seconds("retry_window", d.retry_window),
     )
     s.done()
     return result

@@ -7,6 +7,6 @@
 
 from .levels import FifoLevel, LevelQueue
 from .scheduler import Listener, Scheduler, Slot
-from .ticket import State, Ticket
+from .ticket import Place, State, Ticket
 
-__all__ = ["FifoLevel", "LevelQueue", "Listener", "Scheduler", "Slot", "State", "Ticket"]
+__all__ = ["FifoLevel", "LevelQueue", "Listener", "Place", "Scheduler", "Slot", "State", "Ticket"]
