@@ -70,28 +70,35 @@ def test_check_fails_naming_file_and_key(
 
 
 def test_explain_a_coding_tool(capsys: pytest.CaptureFixture[str], config: Path) -> None:
+    """Continue as it really is: apiBase http://gpu:11435/s/coding, its own User-Agent."""
     code, out, _ = run(
-        capsys, "explain", "--config", str(config), "--header", "User-Agent: Continue/1.2 (vscode)"
-    )
+        capsys, "explain", "--config", str(config), "--path", "/s/coding/api/chat",
+        "--header", "User-Agent: ollama-js/0.6.4 (x64 linux Node.js/v20.20.2)",
+    )  # fmt: skip
     assert code == 0
     assert "source:    coding (priority 0)" in out
-    assert "rule sources[0] 'coding' matched: user_agent 'Continue/1.2 (vscode)'" in out
+    assert "rule sources[0] 'coding' matched: path_prefix '/s/coding'" in out
+    assert "path:      under /s/coding; Ollama sees /api/chat" in out
     assert "queued at priority 0" in out
 
 
-def test_explain_a_spoofed_user_agent_from_a_stranger(
+def test_explain_a_user_agent_alone_is_not_coding(
+    capsys: pytest.CaptureFixture[str], config: Path
+) -> None:
+    """The shipped rules no longer trust a User-Agent: Continue's is not what it sends."""
+    code, out, _ = run(
+        capsys, "explain", "--config", str(config), "--header", "User-Agent: Continue/1.2"
+    )
+    assert code == 0 and "source:    direct_api (priority 10)" in out
+
+
+def test_explain_a_stranger_under_the_coding_prefix(
     capsys: pytest.CaptureFixture[str], config: Path
 ) -> None:
     code, out, _ = run(
-        capsys,
-        "explain",
-        "--config",
-        str(config),
-        "--ip",
-        "203.0.113.7",
-        "--header",
-        "User-Agent: Continue/1.2",
-    )
+        capsys, "explain", "--config", str(config), "--ip", "203.0.113.7",
+        "--path", "/s/coding/api/chat",
+    )  # fmt: skip
     assert code == 0
     assert "source:    direct_api (priority 10)" in out
     assert "refused with 403" in out
