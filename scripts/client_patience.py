@@ -8,6 +8,7 @@ how it ended. Run it from the repository (``make node`` first):
 
     .venv/bin/python scripts/client_patience.py            # about 11 minutes
     .venv/bin/python scripts/client_patience.py --limit 40 # only the short ones
+    .venv/bin/python scripts/client_patience.py --frameworks /path/to/python --only litellm
 
 The figures are written to docs/cookbook.md by hand; a client still waiting at ``--limit``
 is reported as such.
@@ -47,12 +48,38 @@ c = openai.OpenAI(base_url=sys.argv[1] + "/v1", api_key="x")
 c.chat.completions.create(model="MODEL", messages=[{"role": "user", "content": "hi"}])
 """.replace("MODEL", MODEL)
 
-CLIENTS = {
-    "ollama-js": ["node", "--input-type=module", "-e", NODE_OLLAMA],
-    "openai-js": ["node", "--input-type=module", "-e", NODE_OPENAI],
-    "ollama-python": [sys.executable, "-c", PY_OLLAMA],
-    "openai-python": [sys.executable, "-c", PY_OPENAI],
-}
+PY_LANGCHAIN = """
+import sys
+from langchain_ollama import ChatOllama
+ChatOllama(model="MODEL", base_url=sys.argv[1]).invoke("hi")
+""".replace("MODEL", MODEL)
+PY_LLAMA_INDEX = """
+import sys
+from llama_index.llms.ollama import Ollama
+Ollama(model="MODEL", base_url=sys.argv[1]).complete("hi")
+""".replace("MODEL", MODEL)
+PY_LITELLM = """
+import sys, litellm
+litellm.completion(
+    model="ollama_chat/MODEL", api_base=sys.argv[1], messages=[{"role": "user", "content": "hi"}]
+)
+""".replace("MODEL", MODEL)
+
+
+def clients(frameworks: str | None) -> dict[str, list[str]]:
+    """The clients to ask; ``frameworks``: a Python that has langchain-ollama,
+    llama-index-llms-ollama and litellm (not the project's dependencies) adds those."""
+    found = {
+        "ollama-js": ["node", "--input-type=module", "-e", NODE_OLLAMA],
+        "openai-js": ["node", "--input-type=module", "-e", NODE_OPENAI],
+        "ollama-python": [sys.executable, "-c", PY_OLLAMA],
+        "openai-python": [sys.executable, "-c", PY_OPENAI],
+    }
+    if frameworks:
+        found["langchain-ollama"] = [frameworks, "-c", PY_LANGCHAIN]
+        found["llama-index"] = [frameworks, "-c", PY_LLAMA_INDEX]
+        found["litellm"] = [frameworks, "-c", PY_LITELLM]
+    return found
 
 
 @dataclass
@@ -66,8 +93,17 @@ async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--limit", type=float, default=660, help="seconds to wait at most")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--frameworks",
+        metavar="PYTHON",
+        help="a Python that has langchain-ollama, llama-index and litellm",
+    )
+    parser.add_argument("--only", metavar="NAMES", help="comma-separated client names")
     args = parser.parse_args()
-    seen = {name: Seen() for name in CLIENTS}
+    chosen = clients(args.frameworks)
+    if args.only:
+        chosen = {k: v for k, v in chosen.items() if k in args.only.split(",")}
+    seen = {name: Seen() for name in chosen}
     start = time.monotonic()
 
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -101,7 +137,7 @@ async def main() -> int:
         seen[name].error = (errors or lines or [""])[-1][:160]
 
     async with server:
-        await asyncio.gather(*(run(name, argv) for name, argv in CLIENTS.items()))
+        await asyncio.gather(*(run(name, argv) for name, argv in chosen.items()))
     if args.json:
         print(json.dumps({k: v.__dict__ for k, v in seen.items()}, indent=2))
         return 0
