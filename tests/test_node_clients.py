@@ -16,6 +16,7 @@ import pytest
 from seadragon_proxy.keys import KeyStore
 
 from .conftest import MODEL, Proxy, ProxyFactory
+from .test_queueing import block, start
 
 NODE_DIR = Path(__file__).resolve().parent / "node"
 SCRIPT = NODE_DIR / "clients.mjs"
@@ -87,3 +88,30 @@ async def test_openai_js_api_key_gets_its_source_and_stays_here(proxy: Proxy) ->
     chat = next(r for r in await proxy.records(1) if r.route == "/v1/chat/completions")
     assert chat.source == "scripts" and chat.api_key == "team-scripts"
     assert all("Authorization" not in s.headers for s in proxy.fake.requests)
+
+
+async def test_openai_js_silent_retry_after_its_timeout_keeps_its_place(proxy: Proxy) -> None:
+    """openai-js gives up on a queued request (here after 3 s, by default after Node's 300 s)
+    and retries on its own; the retry takes back the first attempt's place, ahead of a
+    request that arrived after it."""
+    blocker, gate = await block(proxy)
+    js = asyncio.create_task(node("openai-retry", proxy.url))
+    await proxy.watch.queued(1)
+    later = await start(proxy, "later")
+    await proxy.watch.queued(2)
+
+    def retried() -> bool:
+        gone = [r for r in proxy.finished if r.hung_up and r.left_queue]
+        return bool(gone) and proxy.scheduler.queue_length == 2
+
+    await proxy.watch.until(retried, timeout=30)
+    assert proxy.scheduler.queued()[0].path == "/v1/chat/completions"
+    gate.set()
+    assert (await js)["text"] == "The sky is blue because"
+    await asyncio.gather(blocker, later)
+    served = [s.path for s in proxy.fake.inference[1:]]
+    assert served == ["/v1/chat/completions", "/api/generate"]
+    assert [r.rejoined for r in proxy.finished if r.route == "/v1/chat/completions"] == [
+        False,
+        True,
+    ]

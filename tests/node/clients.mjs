@@ -66,6 +66,17 @@ const cases = {
     });
     return { text, finish, models, dims: embedded.data[0].embedding.length };
   },
+  async "openai-retry"() {
+    // A short timeout and one retry: what openai-js does after Node's 300 s, sooner.
+    const client = new OpenAI({
+      baseURL: `${host}/v1`,
+      apiKey: "ollama",
+      timeout: Number(process.env.CLIENT_TIMEOUT_MS ?? 3000),
+      maxRetries: 1,
+    });
+    const answer = await client.chat.completions.create({ model: MODEL, messages });
+    return { text: answer.choices[0].message.content };
+  },
 };
 
 const run = cases[caseName];
