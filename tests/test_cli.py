@@ -38,6 +38,8 @@ def test_check_prints_the_rules_in_order(capsys: pytest.CaptureFixture[str], con
     assert out.splitlines()[0] == f"{config}: OK"
     rules = [line.split()[1] for line in out.splitlines() if line.startswith("  [")]
     assert rules == ["coding", "chat", "scripts", "direct_api"]
+    assert "path_prefix /s/coding; whitelisted true" in out  # Continue's apiBase, not its UA
+    assert "api_key scripts  [requires whitelist]" in out
     assert "[requires whitelist]" in out and "default_source: direct_api" in out
 
 

@@ -124,3 +124,36 @@ async def test_retry_window_is_validated(make_proxy: ProxyFactory, window: objec
 
     with pytest.raises(ConfigError, match=r"queue.retry_window"):
         await make_proxy({"queue": {"retry_window": window}})
+
+
+async def test_openai_python_retry_after_its_timeout_keeps_its_place(proxy: Proxy) -> None:
+    """openai-python retries a timed-out request by itself (``max_retries``, 2 by default):
+    the retry rejoins where the first attempt stood."""
+    import openai
+
+    from .conftest import MODEL
+
+    blocker, gate = await block(proxy)
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", timeout=2.0, max_retries=1)
+    try:
+        chat = asyncio.create_task(
+            client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "hi"}]
+            )
+        )
+        await proxy.watch.queued(1)
+        later = await start(proxy, "later")  # the same source: direct_api
+        await proxy.watch.queued(2)
+
+        def retried() -> bool:
+            return any(r.left_queue for r in proxy.finished) and proxy.scheduler.queue_length == 2
+
+        await proxy.watch.until(retried, timeout=30)
+        gate.set()
+        answer = await chat
+    finally:
+        await client.close()
+    assert answer.choices[0].message.content == "The sky is blue because"
+    await asyncio.gather(blocker, later)
+    assert [s.path for s in proxy.fake.inference[1:]] == ["/v1/chat/completions", "/api/generate"]
+    assert await metric(proxy, 'seadragon_queue_rejoins_total{source="direct_api"}') == 1
