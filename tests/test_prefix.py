@@ -196,3 +196,30 @@ async def test_a_prefix_added_by_a_reload_applies_at_once(proxy: Proxy) -> None:
     assert status == 200
     assert (await proxy.records(1))[0].source == "coding"
     assert proxy.fake.inference[-1].path == "/api/generate"
+
+
+def test_path_globs_see_the_path_without_the_prefix() -> None:
+    """``match.path`` is about the route Ollama sees, so one rule can take only the OpenAI
+    routes under a prefix; the prefix is cut even when that rule does not match."""
+    doc = {
+        "sources": [
+            {"name": "team_v1", "priority": 1, "match": {"path_prefix": "/t", "path": "/v1/*"}},
+            {"name": "native", "priority": 2, "match": {"path": "/api/*"}},
+            {"name": "other", "priority": 9},
+        ],
+        "default_source": "other",
+    }
+    policy = parse_settings(doc, file="t.yaml", base=Path("."), environ={}).policy
+    from multidict import CIMultiDict
+
+    from seadragon_proxy.policy import RequestFacts
+
+    def source(path: str) -> str:
+        prefix, rest = policy.split_path(path)
+        return policy.classify(
+            RequestFacts(None, rest, CIMultiDict(), None, False, prefix)
+        ).source.name
+
+    assert source("/t/v1/chat/completions") == "team_v1"
+    assert source("/t/api/chat") == "native"  # cut, then classified by the later rules
+    assert source("/v1/chat/completions") == "other"
