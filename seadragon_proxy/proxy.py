@@ -201,10 +201,13 @@ class Proxy:
         record.queued = True
         places = self.places
         places.window = settings.queue.retry_window
-        retry_key: Identity | None = None
-        if places and body is not None and ip is not None:  # hash only when a place is kept
-            retry_key = identity(record.client_ip, source.name, route.path, body)
-            place = places.take(retry_key, self.scheduler.now())
+        # The same request again (client, source, route, body): known only for a known client
+        # with a body, and hashed only when needed — a place is kept, or one is to be.
+        same: Identity | None = None
+        recognisable = body is not None and ip is not None
+        if places and recognisable:
+            same = identity(record.client_ip, source.name, route.path, body or b"")
+            place = places.take(same, self.scheduler.now())
             if place is not None and ticket.resume(place):
                 record.rejoined = True  # a retry of a request that hung up: its old place
         retried = False
@@ -213,10 +216,10 @@ class Proxy:
                 slot = await self.scheduler.acquire(ticket)
             except asyncio.CancelledError:
                 record.left_queue = True  # hung up (or shutdown) while waiting for its turn
-                if places.window and body is not None and ip is not None and not self.stopping:
-                    if retry_key is None:
-                        retry_key = identity(record.client_ip, source.name, route.path, body)
-                    places.remember(retry_key, ticket.place(), self.scheduler.now())
+                if places.window and recognisable and not self.stopping:
+                    if same is None:
+                        same = identity(record.client_ip, source.name, route.path, body or b"")
+                    places.remember(same, ticket.place(), self.scheduler.now())
                 raise
             finally:  # served, refused, timed out or gone: the wait so far is real either way
                 if ticket.enqueued_at:
