@@ -176,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "keys":
             return asyncio.run(_keys(args, settings, out))
         if args.command == "check":
-            return _check(settings, out)
+            return asyncio.run(_check(settings, out))
         if args.command == "stats":
             return asyncio.run(_stats(args, settings, out))
         return asyncio.run(_explain(args, settings, out))
@@ -298,7 +298,7 @@ async def _keys(args: argparse.Namespace, settings: Settings, out: TextIO) -> in
     return 0
 
 
-def _check(settings: Settings, out: TextIO) -> int:
+async def _check(settings: Settings, out: TextIO) -> int:
     policy = settings.policy
     print(f"{settings.file}: OK", file=out)
     up = settings.upstream
@@ -318,6 +318,21 @@ def _check(settings: Settings, out: TextIO) -> int:
             file=out,
         )
     print(f"default_source: {policy.default.name}", file=out)
+    wanted = sorted({n for s in policy.sources if s.match for n in s.match.api_key})
+    if wanted:
+        store = KeyStore(settings.whitelist.database)
+        try:
+            have = {e.name for e in await store.entries()} if store.path.exists() else set()
+        except DatabaseError as e:  # the config is what `check` checks; say so, still OK
+            print(f"note: cannot see which API keys exist: {e}", file=out)
+            return 0
+        for name in wanted:
+            if name not in have:
+                print(
+                    f"note: match.api_key names {name!r}, which is not a key yet "
+                    f"(seadragon-proxy keys add {name}); the rule matches nothing until it is",
+                    file=out,
+                )
     return 0
 
 

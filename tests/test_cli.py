@@ -40,6 +40,11 @@ def test_check_prints_the_rules_in_order(capsys: pytest.CaptureFixture[str], con
     assert rules == ["coding", "chat", "scripts", "direct_api"]
     assert "path_prefix /s/coding; whitelisted true" in out  # Continue's apiBase, not its UA
     assert "api_key scripts  [requires whitelist]" in out
+    assert "note: match.api_key names 'scripts', which is not a key yet" in out
+    assert main(["keys", "add", "scripts", "--config", str(config)]) == 0
+    capsys.readouterr()
+    code, out, _ = run(capsys, "check", "--config", str(config))
+    assert code == 0 and "note:" not in out
     assert "[requires whitelist]" in out and "default_source: direct_api" in out
 
 
