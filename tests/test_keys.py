@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import sqlite3
 import sys
 from pathlib import Path
@@ -106,6 +107,8 @@ def _config(tmp_path: Path) -> Path:
 
 def test_cli_add_list_remove(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = _config(tmp_path)
+    assert main(["keys", "list", "--config", str(config)]) == 1
+    assert "does not exist yet" in capsys.readouterr().err
     assert main(["keys", "add", "team-scripts", "--note", "cron", "--config", str(config)]) == 0
     out, err = capsys.readouterr()
     key = out.strip()
@@ -118,6 +121,9 @@ def test_cli_add_list_remove(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     out, _ = capsys.readouterr()
     assert [line.split()[0] for line in out.splitlines()] == ["team-scripts", "spare"]
     assert PREFIX not in out and "cron" in out
+    assert main(["keys", "list", "--json", "--config", str(config)]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["name"], r["note"]) for r in rows] == [("team-scripts", "cron"), ("spare", "")]
     assert main(["keys", "add", "spare", "--config", str(config)]) == 1
     assert "exists already" in capsys.readouterr().err
     assert main(["keys", "remove", "spare", "--config", str(config)]) == 0
