@@ -14,7 +14,7 @@ from aiohttp.typedefs import Handler
 from . import admin
 from .audit import audit_middleware
 from .dashboard import add_dashboard
-from .exceptions import NotFound, ShuttingDown
+from .exceptions import DatabaseError, NotFound, ShuttingDown
 from .guard import host_middleware
 from .history import History
 from .httputil import split_prefix
@@ -138,7 +138,10 @@ async def whitelist_ctx(app: web.Application) -> AsyncIterator[None]:
     created = await live.store.ensure()
     if created:
         log.info("whitelist_created", database=str(live.store.path), seeded="loopback")
-    await live.keystore.ensure()  # the api_keys table, in a database made before it existed
+    try:
+        await live.keystore.ensure()  # the api_keys table, in a database made before it existed
+    except DatabaseError as e:  # a read-only file from before keys: no keys, the rest works
+        log.warning("keys_table_not_created", error=str(e), effect="no API key is accepted")
     await live.reload_whitelist()
     yield
 

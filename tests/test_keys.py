@@ -241,3 +241,22 @@ async def test_admin_api_makes_lists_and_removes_keys(proxy: Proxy) -> None:
 async def test_admin_keys_route_needs_the_admin_grant(proxy: Proxy) -> None:
     async with proxy.session.get(proxy.url + "/api/admin/keys", headers=STRANGER) as r:
         assert r.status == 403
+
+
+async def test_a_read_only_database_from_before_keys_still_starts(
+    make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    """Without the table and without write access the proxy runs as before, with no keys
+    (the history, which writes, is off: a read-only file suits only such a set-up)."""
+    from seadragon_proxy.whitelist import WhitelistStore
+
+    from .fsutil import read_only
+
+    path = tmp_path / "data" / "seadragon.db"
+    await WhitelistStore(path).ensure()  # a database as an older version left it
+    with read_only(path):
+        proxy = await make_proxy({**KEYED, "history": {"enabled": False}})
+        status, _ = await proxy.collect("/api/generate", {"model": MODEL, "prompt": "x"}, {})
+        assert status == 200
+        assert len(proxy.live.keys) == 0
+        await proxy.server.stop()
