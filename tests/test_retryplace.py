@@ -157,3 +157,38 @@ async def test_openai_python_retry_after_its_timeout_keeps_its_place(proxy: Prox
     await asyncio.gather(blocker, later)
     assert [s.path for s in proxy.fake.inference[1:]] == ["/v1/chat/completions", "/api/generate"]
     assert await metric(proxy, 'seadragon_queue_rejoins_total{source="direct_api"}') == 1
+
+
+async def test_the_scheduler_serves_a_resumed_ticket_in_the_old_place() -> None:
+    """The pure part: ``Ticket.resume`` puts a new ticket where a cancelled one stood, with
+    its deadline, not counted against ``max_size``; a changed priority refuses the place."""
+    from seadragon_proxy.exceptions import ShuttingDown
+    from seadragon_proxy.scheduling import Scheduler, Ticket
+
+    def ticket(name: str, priority: int = 5) -> Ticket:
+        return Ticket(id=name, source="s", priority=priority, path="/api/chat", model=None,
+                      client_ip="c")  # fmt: skip
+
+    scheduler = Scheduler(slots=1, max_size=2, max_wait=60, aging=0)
+    running = await scheduler.acquire(ticket("running"))
+    first, second = ticket("first"), ticket("second")
+    waiting_first = asyncio.create_task(scheduler.acquire(first))
+    await asyncio.sleep(0)  # let it reach the queue (one step, not a timing wait)
+    waiting_second = asyncio.create_task(scheduler.acquire(second))
+    await asyncio.sleep(0)
+    assert scheduler.queue_length == 2
+    waiting_first.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await waiting_first
+    place = first.place()
+    assert not ticket("moved", priority=1).resume(place)
+    retry = ticket("retry")
+    assert retry.resume(place) and retry.deadline == first.deadline
+    waiting_retry = asyncio.create_task(scheduler.acquire(retry))
+    await asyncio.sleep(0)
+    assert [t.id for t in scheduler.queued()] == ["retry", "second"]
+    running.release()
+    assert (await waiting_retry).ticket is retry
+    scheduler.close(ShuttingDown)
+    with pytest.raises(ShuttingDown):
+        await waiting_second
