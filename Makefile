@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install browser run fake-ollama test lint bench soak clean
+.PHONY: install browser node run fake-ollama test lint bench soak clean
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "seadragon-proxy needs Python 3.11+; run: make PYTHON=python3.11 ...")'
@@ -18,13 +18,16 @@ install: $(STAMP)
 browser:  ## Debian's chromium, which the dashboard's browser test drives through Playwright
 	./scripts/ensure-chromium
 
+node:  ## Node 20+ and tests/node's npm packages (ollama-js, openai) for the client tests
+	./scripts/ensure-node
+
 run: install  ## the proxy on 127.0.0.1:11435 in front of http://127.0.0.1:11434
 	$(BIN)/seadragon-proxy serve --config config/seadragon.yaml
 
 fake-ollama: install  ## a fake Ollama on 127.0.0.1:11434, to try the proxy without a GPU
 	$(BIN)/python -m seadragon_proxy.fake_ollama --port 11434
 
-test: install browser
+test: install browser node
 	$(BIN)/python -m pytest
 
 lint: install
@@ -40,4 +43,4 @@ soak: install  ## the heavy tests at full size (10 000 queued requests), printin
 	$(BIN)/python -m pytest -m heavy --soak -s -q
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) tests/node/node_modules build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,6 +1,7 @@
-"""The proxy's own routes: health, and the admin API — queue, whitelist, stats, time series,
-metrics. Admin needs the bearer token or, when none is configured, a loopback client; the
-answer otherwise is 403, never 401 (the Ollama CLI reads 401 as "sign in to ollama.com")."""
+"""The proxy's own routes: health, and the admin API — queue, whitelist, API keys, stats,
+time series, metrics. Admin needs the bearer token or, when none is configured, a loopback
+client; the answer otherwise is 403, never 401 (the Ollama CLI reads 401 as "sign in to
+ollama.com")."""
 
 from __future__ import annotations
 
@@ -16,9 +17,17 @@ from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
 
 from .adminauth import admin_grant
 from .audit import audit_note
-from .exceptions import BadRequest, DatabaseError, Forbidden, NotFound, Unavailable
+from .exceptions import (
+    BadRequest,
+    Conflict,
+    DatabaseError,
+    Forbidden,
+    NotFound,
+    Unavailable,
+)
 from .history import History, parse_since, summarize, timeseries
 from .httputil import client_ip
+from .rulesfile import KEY_NAME
 from .scheduling import Scheduler, Ticket, servers_view
 from .tenancy import Tenancy
 from .typedefs import FLEET, HISTORY, LIVE, METRICS, PROXY, SCHEDULER, UPSTREAM
@@ -204,6 +213,48 @@ async def whitelist_view(request: web.Request) -> web.Response:
         raise Unavailable(str(e)) from e
     await live.reload_whitelist()
     return web.json_response(answer)
+
+
+# -- API keys ----------------------------------------------------------------------------------
+
+
+def _key_name(doc: dict[str, object]) -> str:
+    name = doc.get("name")
+    if not isinstance(name, str) or not KEY_NAME.match(name):
+        raise BadRequest(
+            'give "name": letters, digits and . _ - (at most 64), as match.api_key lists it'
+        )
+    return name
+
+
+async def keys_view(request: web.Request) -> web.Response:
+    """GET the key names; POST ``{"name", "note"}`` makes a key and answers it, once;
+    DELETE ``{"name"}`` removes one. Applied to the running proxy before the answer."""
+    authorize(request)
+    live = request.app[LIVE]
+    try:
+        if request.method == "GET":
+            entries = await live.keystore.entries()
+            return web.json_response({"keys": [asdict(e) for e in entries]})
+        doc = await _json_object(request)
+        name = _key_name(doc)
+        if request.method == "POST":
+            note = doc.get("note", "")
+            if not isinstance(note, str) or len(note) > 500:
+                raise BadRequest('"note" must be text of at most 500 characters')
+            try:
+                key = await live.keystore.add(name, note)
+            except ValueError as e:
+                raise Conflict(str(e)) from None
+            answer: dict[str, object] = {"name": name, "key": key}
+        else:
+            if not await live.keystore.remove(name):
+                raise NotFound(f"no API key is named {name!r}")
+            answer = {"name": name, "removed": True}
+    except DatabaseError as e:
+        raise Unavailable(str(e)) from e
+    await live.reload_keys()
+    return web.json_response(answer, headers={"Cache-Control": "no-store"})
 
 
 # -- history -----------------------------------------------------------------------------------

@@ -9,13 +9,15 @@ from collections.abc import AsyncIterator
 
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from . import admin
 from .audit import audit_middleware
 from .dashboard import add_dashboard
-from .exceptions import ShuttingDown
+from .exceptions import DatabaseError, NotFound, ShuttingDown
 from .guard import host_middleware
 from .history import History
+from .httputil import split_prefix
 from .live import Live
 from .metrics import Metrics
 from .middlewares import (
@@ -26,6 +28,7 @@ from .middlewares import (
 )
 from .proxy import Proxy
 from .record import Recorder
+from .routes import is_admin_surface
 from .scheduling import FairLevel, Scheduler, Server, Ticket
 from .settings import Settings
 from .startcheck import StartCheck
@@ -45,6 +48,8 @@ from .watch import watch_files
 from .whitelist import WhitelistStore
 
 log = structlog.get_logger("seadragon.app")
+
+HEALTH_PATHS = ("/health", "/api/ollama/health")
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -111,18 +116,38 @@ def create_app(settings: Settings) -> web.Application:
     )
     app.on_response_prepare.append(answer_headers)
 
-    app.router.add_get("/health", admin.health_view, allow_head=True)
-    app.router.add_get("/api/ollama/health", admin.health_view, allow_head=True)
+    for path in HEALTH_PATHS:
+        app.router.add_get(path, admin.health_view, allow_head=True)
     app.router.add_get("/metrics", admin.metrics_view)
     app.router.add_get("/api/admin/queue", admin.queue_view)
     for method in ("GET", "POST", "DELETE"):
         app.router.add_route(method, "/api/admin/whitelist", admin.whitelist_view)
+        app.router.add_route(method, "/api/admin/keys", admin.keys_view)
     app.router.add_get("/api/admin/stats", admin.stats_view)
     app.router.add_get("/api/admin/timeseries", admin.timeseries_view)
     app.router.add_route("*", "/api/admin/{tail:.*}", admin.admin_not_found)
     add_dashboard(app)
-    app.router.add_route("*", "/{tail:.*}", proxy.handle)
+    app.router.add_route("*", "/{tail:.*}", _catch_all(live, proxy))
     return app
+
+
+def _catch_all(live: Live, proxy: Proxy) -> Handler:
+    """Everything else is Ollama's, under a source prefix or not. Under a prefix, /health
+    answers as at the root (a client's set-up check), and the operator routes do not exist:
+    they are served at the root only, where the Host check and the admin token guard them."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        prefix, path = split_prefix(request, live.settings.policy)
+        if prefix is not None:
+            if path in HEALTH_PATHS and request.method in ("GET", "HEAD"):
+                return await admin.health_view(request)
+            if is_admin_surface(path):
+                raise NotFound(
+                    f"{path} is served at the root only, not under the source prefix {prefix}"
+                )
+        return await proxy.handle(request)
+
+    return handle
 
 
 def _log_queue_event(event: str, ticket: Ticket) -> None:
@@ -148,6 +173,10 @@ async def whitelist_ctx(app: web.Application) -> AsyncIterator[None]:
     created = await live.store.ensure()
     if created:
         log.info("whitelist_created", database=str(live.store.path), seeded="loopback")
+    try:
+        await live.keystore.ensure()  # the api_keys table, in a database made before it existed
+    except DatabaseError as e:  # a read-only file from before keys: no keys, the rest works
+        log.warning("keys_table_not_created", error=str(e), effect="no API key is accepted")
     await live.reload_whitelist()
     yield
 

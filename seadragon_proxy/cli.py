@@ -1,4 +1,4 @@
-"""The ``seadragon-proxy`` command: serve, whitelist, check, explain, stats, doctor.
+"""The ``seadragon-proxy`` command: serve, whitelist, keys, check, explain, stats, doctor.
 
 ``main(argv)`` parses arguments and is the only place that decides the exit status:
 0 done, 1 a problem the message explains (bad config, bad address, database), 2 bad usage.
@@ -22,10 +22,12 @@ from . import __version__
 from .defaults import describe as describe_defaults
 from .exceptions import ConfigError, DatabaseError
 from .history import parse_since, summarize
+from .keys import PREFIX, KeyRing, KeyStore
 from .logs import configure_logging
 from .netaddr import LOOPBACK, NetworkSet, parse_address
 from .policy import RequestFacts
 from .routes import classify
+from .rulesfile import KEY_NAME
 from .settings import Settings, config_path, load_settings
 from .tenants import describe_tenant
 from .textsafe import SafeText, escape
@@ -63,6 +65,15 @@ def _address(text: str) -> str:
     return text
 
 
+def _key_name(text: str) -> str:
+    if not KEY_NAME.match(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a key name: letters, digits and . _ - (at most 64), "
+            "starting with a letter or digit"
+        )
+    return text
+
+
 def _since(text: str) -> str:
     try:
         parse_since(text)
@@ -93,6 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("entry", metavar="ADDR_OR_CIDR")
     listing = wl_sub.add_parser("list", parents=[common], help="print the whitelist")
     listing.add_argument("--json", action="store_true", help="print JSON")
+
+    keys = sub.add_parser("keys", help="make, list or remove API keys (match.api_key)")
+    keys_sub = keys.add_subparsers(dest="action", required=True, metavar="ACTION")
+    kadd = keys_sub.add_parser("add", parents=[common], help="make a key; it is printed once")
+    kadd.add_argument("name", type=_key_name, metavar="NAME")
+    kadd.add_argument("--note", default="", help="who holds it (shown by 'list')")
+    kremove = keys_sub.add_parser("remove", parents=[common], help="revoke a key")
+    kremove.add_argument("name", type=_key_name, metavar="NAME")
+    klist = keys_sub.add_parser("list", parents=[common], help="print the key names")
+    klist.add_argument("--json", action="store_true", help="print JSON")
 
     sub.add_parser("check", parents=[common], help="validate the config; print the source rules")
 
@@ -134,6 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--header", action="append", default=[], metavar="'NAME: VALUE'", help="repeatable"
     )
     explain.add_argument("--model", help="the model named in the body")
+    explain.add_argument(
+        "--api-key",
+        metavar="NAME_OR_KEY",
+        help="the request carries this API key: a key name, or the key itself (sdp_...)",
+    )
     return parser
 
 
@@ -154,8 +180,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings(config_path(args.config))
         if args.command == "whitelist":
             return asyncio.run(_whitelist(args, settings, out))
+        if args.command == "keys":
+            return asyncio.run(_keys(args, settings, out))
         if args.command == "check":
-            return _check(settings, out)
+            return asyncio.run(_check(settings, out))
         if args.command == "stats":
             return asyncio.run(_stats(args, settings, out))
         return asyncio.run(_explain(args, settings, out))
@@ -229,7 +257,55 @@ async def _whitelist(args: argparse.Namespace, settings: Settings, out: TextIO) 
     return 0
 
 
-def _check(settings: Settings, out: TextIO) -> int:
+async def _keys(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
+    store = KeyStore(settings.whitelist.database)
+    if args.action != "add" and not store.path.exists():
+        raise Failure(
+            f"database {store.path} does not exist yet; it is created when the proxy starts "
+            "or by 'seadragon-proxy keys add NAME'"
+        )
+    if args.action == "list":
+        entries = await store.entries()
+        if args.json:
+            rows = [{"name": e.name, "note": e.note, "added_at": e.added_at} for e in entries]
+            json.dump(rows, out, indent=2)
+            out.write("\n")
+        elif not entries:
+            print(f"no API keys in {store.path}", file=out)
+        else:
+            width = max(len(e.name) for e in entries)
+            for e in entries:
+                print(f"{e.name:<{width}}  {e.added_at}  {e.note}".rstrip(), file=out)
+        return 0
+    if args.action == "add":
+        try:
+            key = await store.add(args.name, args.note)
+        except ValueError as e:
+            raise Failure(str(e)) from e
+        print(key, file=out)  # stdout holds the key alone: `KEY=$(seadragon-proxy keys add x)`
+        print(
+            f"added API key {args.name!r} to {store.path}; it is shown only now (only its "
+            "SHA-256 is stored). Clients send it as 'Authorization: Bearer <key>' "
+            "(OLLAMA_API_KEY, an OpenAI client's api_key).",
+            file=sys.stderr,
+        )
+        unused = not any(
+            s.match is not None and args.name in s.match.api_key for s in settings.policy.sources
+        )
+        if unused:
+            print(
+                f"note: no source lists {args.name!r} under match.api_key yet; until one "
+                "does, the key counts as whitelisted and nothing more",
+                file=sys.stderr,
+            )
+        return 0
+    if not await store.remove(args.name):
+        raise Failure(f"no API key is named {args.name!r} in {store.path}; nothing removed")
+    print(f"removed API key {args.name!r} from {store.path}", file=out)
+    return 0
+
+
+async def _check(settings: Settings, out: TextIO) -> int:
     policy = settings.policy
     print(f"{settings.file}: OK", file=out)
     fleet = settings.fleet
@@ -254,6 +330,21 @@ def _check(settings: Settings, out: TextIO) -> int:
             file=out,
         )
     print(f"default_source: {policy.default.name}", file=out)
+    wanted = sorted({n for s in policy.sources if s.match for n in s.match.api_key})
+    if wanted:
+        store = KeyStore(settings.whitelist.database)
+        try:
+            have = {e.name for e in await store.entries()} if store.path.exists() else set()
+        except DatabaseError as e:  # the config is what `check` checks; say so, still OK
+            print(f"note: cannot see which API keys exist: {e}", file=out)
+            return 0
+        for name in wanted:
+            if name not in have:
+                print(
+                    f"note: match.api_key names {name!r}, which is not a key yet "
+                    f"(seadragon-proxy keys add {name}); the rule matches nothing until it is",
+                    file=out,
+                )
     return 0
 
 
@@ -324,18 +415,26 @@ async def _explain(args: argparse.Namespace, settings: Settings, out: TextIO) ->
     else:
         whitelist = NetworkSet.parse(LOOPBACK)
         where = f"{store.path} does not exist yet; a new one holds loopback only"
-    route = classify(args.method.upper(), args.path)
-    whitelisted = ip in whitelist
+    keys = KeyStore(store.path)
+    key = await _explain_key(args.api_key, keys, store.path.exists()) if args.api_key else None
+    prefix, path = settings.policy.split_path(args.path)
+    route = classify(args.method.upper(), path)
+    on_list = ip in whitelist
+    whitelisted = on_list or key is not None
     decision = settings.policy.classify(
-        RequestFacts(ip, route.path, headers, args.model, whitelisted)
+        RequestFacts(ip, route.path, headers, args.model, whitelisted, prefix, key, on_list)
     )
     source = decision.source
     print(f"source:    {source.name} (priority {source.priority})", file=out)
     print(f"decided:   {decision.explain()}", file=out)
     tenant = describe_tenant(source, str(ip), headers) if route.queued else "none (never queued)"
     print(f"tenant:    {tenant}", file=out)
-    state = "is on" if whitelisted else "is not on"
+    if prefix is not None:
+        print(f"path:      under {prefix}; Ollama sees {route.path}", file=out)
+    state = "is on" if on_list else "is not on"
     print(f"whitelist: {ip} {state} the whitelist ({where})", file=out)
+    if key is not None:
+        print(f"api key:   {key!r}, which counts as whitelisted", file=out)
     if source.require_whitelist and not whitelisted:
         print(f"outcome:   refused with 403: {source.name!r} requires the whitelist", file=out)
     elif route.queued:
@@ -345,6 +444,23 @@ async def _explain(args: argparse.Namespace, settings: Settings, out: TextIO) ->
     options = describe_defaults(settings.defaults, source.name, args.model, route.path)
     print(f"options:   {options}", file=out)
     return 0
+
+
+async def _explain_key(given: str, store: KeyStore, exists: bool) -> str:
+    """``--api-key``: a key (``sdp_...``, looked up by its hash) or a key's name."""
+    path = store.path
+    if given.startswith(PREFIX):
+        ring = await store.load() if exists else KeyRing()
+        name = ring.identify(given)
+        if name is None:
+            raise Failure(f"--api-key: that key is not in {path}; it would pass through unknown")
+        return name
+    if not KEY_NAME.match(given):
+        raise UsageError(f"{PROG} explain: --api-key {given!r} is neither a key name nor a key")
+    names = {e.name for e in await store.entries()} if exists else set()
+    if given not in names:
+        raise Failure(f"--api-key: no API key is named {given!r} in {path}")
+    return given
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -7,6 +7,7 @@
         ├── BadRequest           400  body not a JSON object, model missing or not a string
         ├── Forbidden            403  not whitelisted, admin route without the token
         ├── NotFound             404  an admin resource that does not exist
+        ├── Conflict             409  an API key of that name exists already
         ├── PayloadTooLarge      413  body over server.max_body or server.max_json_elements
         ├── UnsupportedEncoding  415  a request body with a Content-Encoding the route cannot take
         ├── TenantLimited        429  a tenant's limits.max_queued or limits.tokens_per_hour
@@ -72,6 +73,11 @@ class Forbidden(RequestError):
 class NotFound(RequestError):
     status = 404
     openai_type = "not_found_error"
+
+
+class Conflict(RequestError):
+    status = 409
+    openai_type = "invalid_request_error"
 
 
 class RequestTimeout(RequestError):

@@ -9,7 +9,7 @@ from aiohttp.typedefs import Handler
 from .audit import audit_note
 from .exceptions import Forbidden
 from .hostcheck import host_allowed, refused_message
-from .httputil import client_ip, client_label, error_response, request_id
+from .httputil import client_ip, client_label, error_response, request_id, split_prefix
 from .logs import bind_request
 from .record import RequestRecord
 from .routes import canonical_path, is_admin_surface, manages_models
@@ -18,11 +18,11 @@ from .typedefs import LIVE, RECORDER
 
 @web.middleware
 async def host_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    settings = request.app[LIVE].settings
     path = request.path
     admin = is_admin_surface(path)
-    if not admin and not manages_models(canonical_path(path)):
+    if not admin and not manages_models(canonical_path(split_prefix(request, settings.policy)[1])):
         return await handler(request)  # inference and metadata: any Host (LAN names, IPs)
-    settings = request.app[LIVE].settings
     host = request.headers.get("Host")
     if host_allowed(host, settings.server.host, settings.server.allowed_hosts):
         return await handler(request)
@@ -38,11 +38,12 @@ async def host_middleware(request: web.Request, handler: Handler) -> web.StreamR
 
 
 def _record_refused_host(request: web.Request, message: str) -> None:
+    settings = request.app[LIVE].settings
     record = RequestRecord(
         id=request_id(request),
         method=request.method,
-        route=canonical_path(request.path),
-        client_ip=client_label(client_ip(request, request.app[LIVE].settings)),
+        route=canonical_path(split_prefix(request, settings.policy)[1]),
+        client_ip=client_label(client_ip(request, settings)),
         status=403,
         refusal="host",
         error=message,

@@ -14,10 +14,13 @@ from aiohttp import web
 
 from .exceptions import RequestError
 from .netaddr import IPAddress, client_address
+from .policy import Policy
 from .settings import Settings
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 REQUEST_ID = web.RequestKey("request_id", str)  # the id this request is logged under
+# (source prefix or None, the path without it): split once, so every layer agrees.
+UNDER_PREFIX: web.RequestKey[tuple[str | None, str]] = web.RequestKey("under_prefix")
 
 
 UNKNOWN_CLIENT = "unknown"  # how a client whose address cannot be told is logged and shown
@@ -34,6 +37,14 @@ def client_ip(request: web.Request, settings: Settings) -> IPAddress | None:
     )
 
 
+def split_prefix(request: web.Request, policy: Policy) -> tuple[str | None, str]:
+    """The ``match.path_prefix`` the request came under (or ``None``) and its path without
+    it (``/s/coding/v1/models`` → ``/v1/models``), worked out once per request."""
+    if UNDER_PREFIX not in request:
+        request[UNDER_PREFIX] = policy.split_path(request.path)
+    return request[UNDER_PREFIX]
+
+
 def client_label(ip: IPAddress | None) -> str:
     return UNKNOWN_CLIENT if ip is None else str(ip)
 
@@ -46,8 +57,9 @@ def not_whitelisted(ip: IPAddress | None, source: str) -> str:
             f"entry that is not an address), and source {source!r} requires the whitelist"
         )
     return (
-        f"client {ip} is not on the whitelist, which source {source!r} requires "
-        f"(an administrator can run: seadragon-proxy whitelist add {ip})"
+        f"client {ip} is not on the whitelist and sent no known API key, which source "
+        f"{source!r} requires (an administrator can run: seadragon-proxy whitelist add {ip}, "
+        "or give it a key with: seadragon-proxy keys add NAME)"
     )
 
 

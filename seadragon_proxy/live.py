@@ -1,4 +1,5 @@
-"""What changes while the proxy runs: the policy, queue limits, CORS, and the whitelist.
+"""What changes while the proxy runs: the policy, queue limits, CORS, the whitelist and the
+API keys (both in the one SQLite file, so one watch and one reload serve them).
 
 Reloads replace whole immutable objects, so a request sees one consistent policy.
 A reload that fails is logged and the previous state stays.
@@ -14,6 +15,7 @@ from pathlib import Path
 import structlog
 
 from .exceptions import ConfigError, DatabaseError
+from .keys import KeyRing, KeyStore
 from .netaddr import NetworkSet
 from .scheduling import Scheduler
 from .settings import Settings, load_settings
@@ -24,7 +26,7 @@ log = structlog.get_logger("seadragon.live")
 # Sections that only take effect at start-up; an edit to them is reported, not applied.
 RESTART_ONLY = ("server", "upstream", "upstreams", "whitelist", "admin", "log", "history")
 
-ReloadListener = Callable[[str, bool], None]  # (what: "config" | "whitelist", ok)
+ReloadListener = Callable[[str, bool], None]  # (what: "config" | "whitelist" | "keys", ok)
 
 
 class Live:
@@ -33,6 +35,8 @@ class Live:
         self.whitelist = NetworkSet()
         self._scheduler = scheduler
         self.store = store
+        self.keys = KeyRing()
+        self.keystore = KeyStore(store.path, busy_timeout=store.busy_timeout)
         self._lock = asyncio.Lock()
         self.listeners: list[ReloadListener] = []
 
@@ -76,8 +80,26 @@ class Live:
             return True
 
     async def reload_whitelist(self) -> bool:
-        """Re-read the whitelist table; on failure keep the last list read. Listeners hear
-        of changes and failures, not of reads that found the same list."""
+        """Re-read the whitelist and the key tables; on failure keep the last ones read.
+        Listeners hear of changes and failures, not of reads that found the same list."""
+        keys_ok = await self.reload_keys()
+        return await self._reload_networks() and keys_ok
+
+    async def reload_keys(self) -> bool:
+        try:
+            keys = await self.keystore.load()
+        except DatabaseError as e:
+            log.warning("keys_reload_failed", error=str(e), kept=len(self.keys))
+            self._notify("keys", False)
+            return False
+        if keys == self.keys:
+            return True
+        self.keys = keys
+        log.info("keys_reloaded", keys=len(keys))  # how many, never which digests
+        self._notify("keys", True)
+        return True
+
+    async def _reload_networks(self) -> bool:
         try:
             networks = await self.store.load()
         except DatabaseError as e:

@@ -174,6 +174,16 @@ class Metrics:
             "seadragon_client_hangups", "Clients that left before their answer was complete.",
             ["source"], registry=r,
         )  # fmt: skip
+        self.queue_hangups = Counter(
+            "seadragon_queue_hangups",
+            "Clients that gave up while queued, before their turn (a client timeout, usually).",
+            ["source"], registry=r,
+        )  # fmt: skip
+        self.rejoins = Counter(
+            "seadragon_queue_rejoins",
+            "Retries that took back the place of the same request, hung up while queued.",
+            ["source"], registry=r,
+        )  # fmt: skip
         self.reloads = Counter(
             "seadragon_reloads", "Reloads of the policy (config) and the whitelist.",
             ["what", "result"], registry=r,
@@ -249,6 +259,10 @@ class Metrics:
             self.upstream_errors.labels(record.upstream_error).inc()
         if record.hung_up:
             self.hangups.labels(source).inc()
+            if record.left_queue:
+                self.queue_hangups.labels(source).inc()
+        if record.rejoined:
+            self.rejoins.labels(source).inc()
 
     def reloaded(self, what: str, ok: bool) -> None:
         """A Live listener."""

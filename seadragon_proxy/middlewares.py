@@ -15,6 +15,7 @@ from .httputil import (
     client_label,
     error_response,
     request_id,
+    split_prefix,
     wants_openai_errors,
 )
 from .logs import bind_request
@@ -70,18 +71,23 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except RequestError as e:
-        response = error_response(e, openai=wants_openai_errors(request.path))
+        response = error_response(e, openai=_openai(request))
     except web.HTTPException:
         raise
     except Exception:
         log.exception("unhandled_error", path=request.path)
         error = RequestError("seadragon-proxy hit an internal error; see its log")
-        response = error_response(error, openai=wants_openai_errors(request.path))
+        response = error_response(error, openai=_openai(request))
     if not request.content.is_eof():
         # Refused before its body was read (413, 408, a 403 on an upload): close rather
         # than wait for, or read, the rest of whatever the client is still sending.
         response.force_close()
     return response
+
+
+def _openai(request: web.Request) -> bool:
+    """Errors in OpenAI's shape on ``/v1``, under a source prefix too."""
+    return wants_openai_errors(split_prefix(request, request.app[LIVE].settings.policy)[1])
 
 
 @web.middleware
@@ -122,7 +128,7 @@ def _record_refused_origin(request: web.Request, origin: str) -> None:
     record = RequestRecord(
         id=request_id(request),
         method=request.method,
-        route=canonical_path(request.path),
+        route=canonical_path(split_prefix(request, settings.policy)[1]),
         client_ip=client_label(client_ip(request, settings)),
         status=403,
         refusal="origin",

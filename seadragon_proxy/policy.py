@@ -2,6 +2,8 @@
 
 Pure logic: no I/O, no aiohttp. The first rule whose ``match`` holds wins; a rule
 without ``match`` matches everything; no match means ``default_source``.
+A ``path_prefix`` named by any rule is taken off the path before any rule looks at it
+(``split_path``): the rules and Ollama see ``/api/chat``, the prefix is a fact of its own.
 """
 
 from __future__ import annotations
@@ -44,10 +46,13 @@ class RequestFacts:
     """What the policy may look at. ``headers`` must be case-insensitive (a CIMultiDict)."""
 
     client_ip: IPAddress | None  # None: unknown (an unreadable X-Forwarded-For)
-    path: str
+    path: str  # the path Ollama sees: the prefix (if any) and the /api/ollama alias removed
     headers: Mapping[str, str]
     model: str | None = None
-    whitelisted: bool = False
+    whitelisted: bool = False  # on the whitelist, or a known API key
+    path_prefix: str | None = None  # the source prefix the request came under
+    api_key: str | None = None  # the name of the known API key it carried
+    on_whitelist: bool = False  # the address itself is on the whitelist (for the reasons)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +66,8 @@ class Match:
     path: tuple[Glob, ...] = ()
     model: tuple[Glob, ...] = ()
     whitelisted: bool | None = None
+    path_prefix: tuple[str, ...] = ()  # validated: /a/b, no trailing /, none nested in another
+    api_key: tuple[str, ...] = ()  # key names (``seadragon-proxy keys add NAME``)
 
     def evaluate(self, facts: RequestFacts) -> tuple[str, ...] | None:
         """The reasons this match holds for ``facts``, or ``None`` if it does not."""
@@ -83,6 +90,14 @@ class Match:
             if hit is None:
                 return None
             reasons.append(f"header {name} {value!r} matches {hit.pattern!r}")
+        if self.path_prefix:
+            if facts.path_prefix not in self.path_prefix:
+                return None
+            reasons.append(f"path_prefix {facts.path_prefix!r}")
+        if self.api_key:
+            if facts.api_key not in self.api_key:
+                return None
+            reasons.append(f"api_key {facts.api_key!r}")
         if self.client_ip is not None:
             if facts.client_ip not in self.client_ip:
                 return None
@@ -92,8 +107,7 @@ class Match:
         if self.whitelisted is not None:
             if facts.whitelisted != self.whitelisted:
                 return None
-            state = "on" if facts.whitelisted else "not on"
-            reasons.append(f"client {facts.client_ip} is {state} the whitelist")
+            reasons.append(_whitelist_reason(facts))
         return tuple(reasons)
 
     def describe(self) -> str:
@@ -108,11 +122,37 @@ class Match:
             if globs
         ]
         parts += [f"header {n}: {' | '.join(g.pattern for g in globs)}" for n, globs in self.header]
+        if self.path_prefix:
+            parts.append(f"path_prefix {' | '.join(self.path_prefix)}")
+        if self.api_key:
+            parts.append(f"api_key {' | '.join(self.api_key)}")
         if self.client_ip is not None:
             parts.append(f"client_ip {' | '.join(map(str, self.client_ip))}")
         if self.whitelisted is not None:
             parts.append(f"whitelisted {str(self.whitelisted).lower()}")
         return "; ".join(parts) if parts else "everything"
+
+
+def _whitelist_reason(facts: RequestFacts) -> str:
+    if facts.on_whitelist:
+        return f"client {facts.client_ip} is on the whitelist"
+    if facts.whitelisted and facts.api_key is not None:
+        return f"API key {facts.api_key!r} counts as whitelisted"
+    state = "on" if facts.whitelisted else "not on"
+    return f"client {facts.client_ip} is {state} the whitelist"
+
+
+def split_path(prefixes: tuple[str, ...], path: str) -> tuple[str | None, str]:
+    """``/s/coding/api/chat`` → ``("/s/coding", "/api/chat")`` when ``/s/coding`` is one of
+    ``prefixes`` (whole segments only: ``/s/codingx`` is not under it); else ``(None, path)``."""
+    for prefix in prefixes:
+        if path.startswith(prefix):
+            rest = path[len(prefix) :]
+            if not rest:
+                return prefix, "/"
+            if rest[0] == "/":
+                return prefix, rest
+    return None, path
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +192,17 @@ class Decision:
 class Policy:
     sources: tuple[Source, ...]
     default: Source
+    prefixes: tuple[str, ...] = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        found = {p for s in self.sources if s.match for p in s.match.path_prefix}
+        object.__setattr__(self, "prefixes", tuple(sorted(found)))
+
+    def split_path(self, path: str) -> tuple[str | None, str]:
+        """The source prefix a request came under (if any) and the path without it."""
+        if not self.prefixes:
+            return None, path
+        return split_path(self.prefixes, path)
 
     def classify(self, facts: RequestFacts) -> Decision:
         for index, source in enumerate(self.sources):

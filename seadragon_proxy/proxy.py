@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import aiohttp
 from aiohttp import web
@@ -37,15 +38,24 @@ from .exceptions import (
     UpstreamUnavailable,
 )
 from .fleetmeta import SERVER_HEADER, fleet_metadata
-from .httputil import broke_off_words, client_ip, client_label, not_whitelisted, request_id
+from .httputil import (
+    broke_off_words,
+    client_ip,
+    client_label,
+    not_whitelisted,
+    request_id,
+    split_prefix,
+)
+from .keys import bearer
 from .live import Live
 from .logs import bind_request
 from .netaddr import IPAddress
 from .payload import JsonBody
 from .policy import RequestFacts, Source
 from .record import Recorder, RequestRecord
+from .retryplace import Identity, RetryPlaces, identity
 from .routes import Route, classify
-from .scheduling import Scheduler, Slot, Ticket
+from .scheduling import Place, Scheduler, Slot, Ticket
 from .settings import Settings
 from .tenancy import Tenancy
 from .upstream import Fleet, Health, Upstream, looped, request_headers, response_headers
@@ -87,11 +97,13 @@ class Proxy:
         self.active: set[asyncio.Task[object]] = set()
         self.stopping = False
         self.bodies = BodyMemory(live.settings.server.max_body_memory)
+        self.places: RetryPlaces[Place] = RetryPlaces(window=live.settings.queue.retry_window)
         self.parser = JsonParser()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         settings = self.live.settings
-        route = classify(request.method, request.path)
+        prefix, path = split_prefix(request, settings.policy)
+        route = classify(request.method, path)
         ip = client_ip(request, settings)  # once: it walks X-Forwarded-For
         record = RequestRecord(
             id=request_id(request),
@@ -106,7 +118,7 @@ class Proxy:
         self.active.add(task)
         try:
             with self.bodies.hold() as hold:
-                return await self._serve(request, settings, route, record, ip, hold)
+                return await self._serve(request, settings, route, prefix, record, ip, hold)
         except asyncio.CancelledError:
             record.hung_up = not self.stopping
             record.error = record.error or ("shutdown" if self.stopping else "client hung up")
@@ -131,6 +143,7 @@ class Proxy:
         request: web.Request,
         settings: Settings,  # read once per request: one consistent policy throughout
         route: Route,
+        prefix: str | None,
         record: RequestRecord,
         ip: IPAddress | None,
         hold: Hold,
@@ -141,13 +154,19 @@ class Proxy:
                 "this proxy; "
                 "point it at Ollama"
             )
-        whitelisted = ip is not None and ip in self.live.whitelist
-        strip_token = False
+        on_list = ip is not None and ip in self.live.whitelist
+        key = self.live.keys.identify(bearer(request.headers))
+        record.api_key = key
+        whitelisted = on_list or key is not None  # a known key proves who it is, as the list
+        strip_token = key is not None  # the proxy's key, not Ollama's: never forwarded
         if route.manages_models:  # its own permission, decided before any body is read
             record.refusal = "manage_models"
             grant = check_manage_models(request.headers, ip, whitelisted, settings.admin)
-            record.refusal, strip_token = None, grant == "token"
-        facts = RequestFacts(ip, route.path, request.headers, None, whitelisted)
+            record.refusal = None
+            strip_token = strip_token or grant == "token"
+        facts = RequestFacts(
+            ip, route.path, request.headers, None, whitelisted, prefix, key, on_list
+        )
         if not settings.policy.could_accept(facts):  # refused before its body is read
             raise self._not_whitelisted(record, settings.policy.classify(facts).source, ip)
         body: bytes | None = None
@@ -160,7 +179,7 @@ class Proxy:
             raw_encoding(request.headers)
         model = parsed.model if parsed else None
         record.model = model
-        facts = RequestFacts(ip, route.path, request.headers, model, whitelisted)
+        facts = replace(facts, model=model)
         decision = settings.policy.classify(facts)
         source = decision.source
         record.source, record.priority = source.name, source.priority
@@ -174,7 +193,7 @@ class Proxy:
                 record.pinned = pinned or None
         headers = request_headers(request.headers)
         headers.popall("Content-Encoding", None)  # JSON bodies are decoded; others plain
-        if strip_token:  # the admin token let it in: it is the proxy's secret, not Ollama's
+        if strip_token:  # an API key or the admin token: the proxy's secrets, not Ollama's
             headers.popall("Authorization", None)
         data: bytes | AsyncIterator[bytes] | None = body
         if body is None and request.body_exists:
@@ -221,10 +240,28 @@ class Proxy:
         finally:
             record.tenant = ticket.tenant
         record.queued = True
+        places = self.places
+        places.window = settings.queue.retry_window
+        # The same request again (client, source, route, body): known only for a known client
+        # with a body, and hashed only when needed — a place is kept, or one is to be.
+        same: Identity | None = None
+        recognisable = body is not None and ip is not None
+        if places and recognisable:
+            same = identity(record.client_ip, source.name, route.path, body or b"")
+            place = places.take(same, self.scheduler.now())
+            if place is not None and ticket.resume(place):
+                record.rejoined = True  # a retry of a request that hung up: its old place
         retried = False
         while True:
             try:
                 slot = await self.scheduler.acquire(ticket)
+            except asyncio.CancelledError:
+                record.left_queue = True  # hung up (or shutdown) while waiting for its turn
+                if places.window and recognisable and not self.stopping:
+                    if same is None:
+                        same = identity(record.client_ip, source.name, route.path, body or b"")
+                    places.remember(same, ticket.place(), self.scheduler.now())
+                raise
             finally:  # served, refused, timed out or gone: the wait so far is real either way
                 if ticket.enqueued_at:
                     record.queue_wait = self.scheduler.now() - ticket.enqueued_at

@@ -39,6 +39,9 @@ class RequestRecord:
     pinned: str | None = None  # "num_ctx 32768->8192": what a defaults `force:` replaced
     server: str | None = None  # the Ollama server (its name) it was sent to
     swapped: bool = False  # starting it there loaded its model (a model swap)
+    api_key: str | None = None  # the name of the known API key it carried (never the key)
+    left_queue: bool = False  # it went (hung up, shutdown) while still waiting for its turn
+    rejoined: bool = False  # a retry that took back the place its hung-up original had
 
     def fields(self) -> dict[str, object]:
         """The canonical line's key/values; zero-information fields are left out."""
@@ -65,6 +68,8 @@ class RequestRecord:
             out["limit"] = self.refusal
         if self.pinned:
             out["pinned"] = self.pinned
+        if self.api_key:
+            out["key_name"] = self.api_key  # not "api_key": that name is redacted as a secret
         if self.queued:  # the real wait, whether it ended in a turn, a 503 or a hang-up
             out["queue_wait"] = round(self.queue_wait, 4)
         if self.usage is not None:
@@ -72,8 +77,10 @@ class RequestRecord:
             out["prompt_eval_count"] = self.usage.prompt_eval_count
             if self.usage.tokens_per_second is not None:
                 out["tokens_per_second"] = round(self.usage.tokens_per_second, 2)
+        if self.rejoined:
+            out["rejoined"] = True
         if self.hung_up:
-            out["hung_up"] = True
+            out["hung_up"] = "while queued" if self.left_queue else True
         if self.error:
             out["error"] = self.error
         return out

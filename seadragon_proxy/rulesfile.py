@@ -3,6 +3,8 @@ into a ``Policy`` and ``RequestDefaults``. Every error names the file and the do
 
 from __future__ import annotations
 
+import re
+
 from .configfile import Section, clip, describe
 from .defaults import PINNABLE, KeepAlive, OptionValue, RequestDefaults
 from .netaddr import NetworkSet, parse_network
@@ -10,6 +12,13 @@ from .policy import Glob, Match, Policy, Source
 from .tenants import Fairness, TenantLimits, valid_fair_by
 
 _SCALARS = (str, int, float, bool)
+
+# A prefix is whole path segments of URL-safe characters: /s/coding, /team-a.
+_PREFIX = re.compile(r"^(/[A-Za-z0-9._~-]+)+$")
+# The proxy's and Ollama's own paths: a prefix there would take their requests.
+_RESERVED = ("/api", "/v1", "/health", "/metrics", "/admin")
+# A key name: what `keys add NAME` accepts and `match.api_key` lists.
+KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 def parse_defaults(top: Section) -> tuple[RequestDefaults, ...]:
@@ -103,6 +112,8 @@ def parse_policy(top: Section) -> Policy:
             fairness=_fairness(s),
         )
         s.done()
+        if source.match is not None:
+            _check_prefixes(s, source.match.path_prefix, sources)
         sources.append(source)
     default_name = top.text("default_source", "")
     if not default_name:
@@ -149,6 +160,70 @@ def _fairness(s: Section) -> Fairness:
     return Fairness(fair_by=fair_by, weights=tuple(weights), limits=limits)
 
 
+def _segment_prefix(outer: str, inner: str) -> bool:
+    return inner == outer or inner.startswith(outer + "/")
+
+
+def _check_prefixes(s: Section, prefixes: tuple[str, ...], earlier: list[Source]) -> None:
+    """Nested prefixes (``/s`` and ``/s/coding``) are refused: which one a request is under
+    would depend on the order of the rules, silently. The same prefix on several rules is
+    fine: those rules are tried in order like any others."""
+    key = "match.path_prefix"
+    for other in earlier:
+        for theirs in other.match.path_prefix if other.match else ():
+            for ours in prefixes:
+                if ours != theirs and (
+                    _segment_prefix(ours, theirs) or _segment_prefix(theirs, ours)
+                ):
+                    s.fail(
+                        key,
+                        f"{ours!r} and {theirs!r} (source {other.name!r}) are nested: a "
+                        "request under both would belong to either; use prefixes that do "
+                        "not contain one another, such as /s/coding and /s/chat",
+                    )
+
+
+def _prefixes(s: Section) -> tuple[str, ...]:
+    prefixes = s.strings("path_prefix")
+    for prefix in prefixes:
+        if not prefix.startswith("/"):
+            s.fail("path_prefix", f"{prefix!r} must start with / (such as /s/coding)")
+        if prefix.endswith("/"):
+            s.fail("path_prefix", f"{prefix!r} must not end with / (write {prefix.rstrip('/')!r})")
+        if not _PREFIX.match(prefix):
+            s.fail(
+                "path_prefix",
+                f"{prefix!r} must be path segments of letters, digits and . _ ~ - "
+                "(such as /s/coding)",
+            )
+        reserved = next((r for r in _RESERVED if _segment_prefix(r, prefix)), None)
+        if reserved is not None:
+            s.fail(
+                "path_prefix",
+                f"{prefix!r} is under {reserved}, which Ollama or the proxy serves itself; "
+                "choose a prefix of your own such as /s/coding",
+            )
+    if len(set(prefixes)) != len(prefixes):
+        s.fail("path_prefix", "lists the same prefix twice")
+    for ours in prefixes:
+        for other in prefixes:
+            if ours != other and _segment_prefix(ours, other):
+                s.fail("path_prefix", f"{ours!r} and {other!r} are nested; list only one")
+    return prefixes
+
+
+def _key_names(s: Section) -> tuple[str, ...]:
+    names = s.strings("api_key")
+    for name in names:
+        if not KEY_NAME.match(name):
+            s.fail(
+                "api_key",
+                f"{name!r} is not a key name (letters, digits, . _ -, at most 64, as "
+                "'seadragon-proxy keys add NAME' takes them)",
+            )
+    return names
+
+
 def _globs(s: Section, name: str) -> tuple[Glob, ...]:
     return tuple(Glob.compile(p) for p in s.strings(name))
 
@@ -176,6 +251,8 @@ def _match(s: Section) -> Match:
         path=_globs(s, "path"),
         model=_globs(s, "model"),
         whitelisted=whitelisted,
+        path_prefix=_prefixes(s),
+        api_key=_key_names(s),
     )
     s.done()
     return result

@@ -110,6 +110,7 @@ class QueueSettings:
     aging: float = 0.0  # 0 = strict priority
     affinity: Affinity = field(default_factory=Affinity)  # max_defer 0 = off
     output_weight: float = 2.0  # queue.fairness.output_weight: an output token's cost in input
+    retry_window: float = 10.0  # seconds a hung-up request's place is kept for its retry
 
 
 @dataclass(frozen=True, slots=True)
@@ -406,6 +407,7 @@ def _queue(s: Section) -> QueueSettings:
         aging=s.seconds("aging", d.aging),
         affinity=_affinity(s.section("affinity")) if s.has("affinity") else Affinity(),
         output_weight=_output_weight(s.section("fairness"), d.output_weight),
+        retry_window=s.seconds("retry_window", d.retry_window),
     )
     s.done()
     return result

@@ -38,6 +38,13 @@ def test_check_prints_the_rules_in_order(capsys: pytest.CaptureFixture[str], con
     assert out.splitlines()[0] == f"{config}: OK"
     rules = [line.split()[1] for line in out.splitlines() if line.startswith("  [")]
     assert rules == ["coding", "chat", "scripts", "direct_api"]
+    assert "path_prefix /s/coding; whitelisted true" in out  # Continue's apiBase, not its UA
+    assert "api_key scripts  [requires whitelist]" in out
+    assert "note: match.api_key names 'scripts', which is not a key yet" in out
+    assert main(["keys", "add", "scripts", "--config", str(config)]) == 0
+    capsys.readouterr()
+    code, out, _ = run(capsys, "check", "--config", str(config))
+    assert code == 0 and "note:" not in out
     assert "[requires whitelist]" in out and "default_source: direct_api" in out
 
 
@@ -70,29 +77,36 @@ def test_check_fails_naming_file_and_key(
 
 
 def test_explain_a_coding_tool(capsys: pytest.CaptureFixture[str], config: Path) -> None:
+    """Continue as it really is: apiBase http://gpu:11435/s/coding, its own User-Agent."""
     code, out, _ = run(
-        capsys, "explain", "--config", str(config), "--header", "User-Agent: Continue/1.2 (vscode)"
-    )
+        capsys, "explain", "--config", str(config), "--path", "/s/coding/api/chat",
+        "--header", "User-Agent: ollama-js/0.6.4 (x64 linux Node.js/v20.20.2)",
+    )  # fmt: skip
     assert code == 0
     assert "source:    coding (priority 0)" in out
-    assert "rule sources[0] 'coding' matched: user_agent 'Continue/1.2 (vscode)'" in out
+    assert "rule sources[0] 'coding' matched: path_prefix '/s/coding'" in out
+    assert "path:      under /s/coding; Ollama sees /api/chat" in out
     assert "queued at priority 0" in out
     assert "tenant:    coding (fair_by none: the whole source is one tenant)" in out
 
 
-def test_explain_a_spoofed_user_agent_from_a_stranger(
+def test_explain_a_user_agent_alone_is_not_coding(
+    capsys: pytest.CaptureFixture[str], config: Path
+) -> None:
+    """The shipped rules no longer trust a User-Agent: Continue's is not what it sends."""
+    code, out, _ = run(
+        capsys, "explain", "--config", str(config), "--header", "User-Agent: Continue/1.2"
+    )
+    assert code == 0 and "source:    direct_api (priority 10)" in out
+
+
+def test_explain_a_stranger_under_the_coding_prefix(
     capsys: pytest.CaptureFixture[str], config: Path
 ) -> None:
     code, out, _ = run(
-        capsys,
-        "explain",
-        "--config",
-        str(config),
-        "--ip",
-        "203.0.113.7",
-        "--header",
-        "User-Agent: Continue/1.2",
-    )
+        capsys, "explain", "--config", str(config), "--ip", "203.0.113.7",
+        "--path", "/s/coding/api/chat",
+    )  # fmt: skip
     assert code == 0
     assert "source:    direct_api (priority 10)" in out
     assert "refused with 403" in out

@@ -17,6 +17,10 @@ from seadragon_proxy.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = (ROOT / "docs" / "cookbook.md").read_text()
+PROXY_KEYS = {
+    "server", "upstream", "upstreams", "queue", "whitelist", "admin", "cors", "log", "history",
+    "sources", "default_source", "defaults",
+}  # fmt: skip
 BLOCK = re.compile(r"```(yaml|sh|text)\n(.*?)```", re.DOTALL)
 
 
@@ -30,6 +34,8 @@ def recipes() -> list[tuple[str, dict[str, Any], list[tuple[list[str], str]]]]:
             if kind != "yaml":
                 continue
             doc = yaml.safe_load(text)
+            if not isinstance(doc, dict) or not set(doc) <= PROXY_KEYS:
+                continue  # a client's own settings (Continue's config.yaml), not a recipe
             examples = []
             for j in range(i + 1, len(blocks) - 1):
                 if blocks[j][0] == "yaml":

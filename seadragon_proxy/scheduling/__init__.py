@@ -11,7 +11,7 @@ from .fairness import FairLevel
 from .levels import FifoLevel, LevelQueue
 from .scheduler import Affinity, LevelFactory, Listener, Scheduler, Slot
 from .servers import Fit, Health, Server, servers_view
-from .ticket import State, Ticket
+from .ticket import Place, State, Ticket
 
 __all__ = [
     "Affinity",
@@ -22,6 +22,7 @@ __all__ = [
     "LevelFactory",
     "LevelQueue",
     "Listener",
+    "Place",
     "Scheduler",
     "Server",
     "Slot",

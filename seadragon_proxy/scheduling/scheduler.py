@@ -233,8 +233,9 @@ class Scheduler:
     async def acquire(self, ticket: Ticket) -> Slot:
         """Wait for a slot. Raises ``QueueFull``, ``QueueTimeout`` or the close reason.
 
-        A ticket that comes back (its upstream was unreachable) keeps its place,
-        its deadline, and is not counted against ``max_size``.
+        A ticket that comes back (its upstream was unreachable, or ``Ticket.resume`` gave
+        it a hung-up request's place) keeps its place, its deadline, and is not counted
+        against ``max_size``.
         """
         if self._closed is not None:
             raise self._closed()
@@ -253,9 +254,12 @@ class Scheduler:
             if self._queued >= self._max_size:
                 ticket.state = State.DONE
                 raise QueueFull(retry_after=self.retry_after())
-        elif now >= ticket.deadline:
-            ticket.state = State.DONE
-            raise self._timeout_error(ticket)
+        else:
+            if ticket.state is State.RETURNING:
+                ticket.key = self._key(ticket)  # its old arrival, under today's aging
+            if now >= ticket.deadline:
+                ticket.state = State.DONE
+                raise self._timeout_error(ticket)
         loop = asyncio.get_running_loop()
         waiter = loop.create_future()
         ticket._waiter = waiter

@@ -10,9 +10,19 @@ from enum import Enum
 
 class State(Enum):
     NEW = "new"
+    RETURNING = "returning"  # a new ticket given an earlier one's place (``resume``)
     QUEUED = "queued"
     RUNNING = "running"
     DONE = "done"  # finished, timed out, rejected or cancelled
+
+
+@dataclass(frozen=True, slots=True)
+class Place:
+    priority: int
+    seq: int
+    enqueued_at: float
+    deadline: float
+    wait_limit: float
 
 
 @dataclass(eq=False, slots=True)
@@ -47,6 +57,21 @@ class Ticket:
     _waiter: asyncio.Future[None] | None = field(default=None, repr=False)
     _timer: asyncio.TimerHandle | None = field(default=None, repr=False)
     _defer_timer: asyncio.TimerHandle | None = field(default=None, repr=False)
+
+    def place(self) -> Place:
+        """Where this ticket stands in line, for a retry of the same request to take up."""
+        return Place(self.priority, self.seq, self.enqueued_at, self.deadline, self.wait_limit)
+
+    def resume(self, place: Place) -> bool:
+        """Take up ``place`` (before ``acquire``): the scheduler then treats this ticket as
+        one coming back, in its old place with its old deadline. Refused (``False``) when
+        the priority has changed since (a reload): the old place belongs to another line."""
+        if self.state is not State.NEW or place.priority != self.priority:
+            return False
+        self.seq, self.enqueued_at, self.deadline = place.seq, place.enqueued_at, place.deadline
+        self.wait_limit = place.wait_limit
+        self.state = State.RETURNING
+        return True
 
     def waited(self, now: float) -> float:
         return (self.started_at if self.state is not State.QUEUED else now) - self.enqueued_at
