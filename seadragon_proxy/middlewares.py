@@ -86,8 +86,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 
 def _openai(request: web.Request) -> bool:
-    """Errors in OpenAI's shape on ``/v1``, under a source prefix too."""
-    return wants_openai_errors(split_prefix(request, request.app[LIVE].settings.policy)[1])
+    """Errors in OpenAI's shape on ``/v1``, under a source prefix too (an app without the
+    proxy's settings, such as a test's, has no prefixes)."""
+    live = request.app.get(LIVE)
+    if live is None:
+        return wants_openai_errors(request.path)
+    return wants_openai_errors(split_prefix(request, live.settings.policy)[1])
 
 
 @web.middleware

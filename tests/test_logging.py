@@ -92,7 +92,7 @@ async def test_a_request_that_never_got_a_turn_logs_its_real_wait(
         await proxy.records(2)
     timed_out, left = request_lines(logs)
     assert timed_out["status"] == 503 and timed_out["source"] == "chat"
-    assert left["hung_up"] is True and left["source"] == "scripts"
+    assert left["hung_up"] == "while queued" and left["source"] == "scripts"
     for line in (timed_out, left):
         assert isinstance(line["queue_wait"], float) and line["queue_wait"] >= 0.2
     gate.set()
