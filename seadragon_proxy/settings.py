@@ -21,6 +21,7 @@ from .defaults import RequestDefaults
 from .exceptions import ConfigError
 from .netaddr import NetworkSet
 from .policy import Glob, Policy
+from .replicafile import Backend, RedisSettings, parse_backend, parse_replica
 from .rulesfile import parse_defaults, parse_policy
 
 MiB = 1024 * 1024
@@ -61,6 +62,7 @@ class Secret:
 class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 11435
+    replica: str = "proxy"  # this process's name among replicas; default the host name
     trusted_proxies: NetworkSet = field(default_factory=NetworkSet)
     max_body: int = 64 * MiB  # bytes, JSON routes only; blobs stream unbounded
     header_timeout: float = 30.0  # seconds to send request headers (also keep-alive idle)
@@ -91,6 +93,8 @@ class QueueSettings:
     max_size: int = 512
     max_wait: float = 0.0  # 0 = no limit
     aging: float = 0.0  # 0 = strict priority
+    backend: Backend = "memory"  # redis: replicas share one queue (replicafile.py)
+    redis: RedisSettings = field(default_factory=RedisSettings)
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,6 +278,7 @@ def _server(s: Section) -> ServerSettings:
             Glob.compile(h.lower().rstrip("."))
             for h in s.strings("allowed_hosts", allow_empty=True)
         ),
+        replica=parse_replica(s),
     )
     if result.max_body_memory < result.max_body:
         s.fail("max_body_memory", f"must be at least server.max_body ({result.max_body} bytes)")
@@ -304,6 +309,8 @@ def _queue(s: Section) -> QueueSettings:
         max_wait=s.seconds("max_wait", d.max_wait),
         aging=s.seconds("aging", d.aging),
     )
+    backend, redis = parse_backend(s)
+    result = replace(result, backend=backend, redis=redis)
     s.done()
     return result
 
