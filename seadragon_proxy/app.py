@@ -28,7 +28,7 @@ from .proxy import Proxy
 from .record import Recorder
 from .scheduling import Scheduler, Ticket
 from .settings import Settings
-from .typedefs import HISTORY, LIVE, METRICS, PROXY, RECORDER, SCHEDULER, UPSTREAM
+from .typedefs import HISTORY, LIVE, METRICS, PROXY, RECORDER, REDIS_LINK, SCHEDULER, UPSTREAM
 from .upstream import Upstream
 from .watch import watch_files
 from .whitelist import WhitelistStore
@@ -73,8 +73,21 @@ def create_app(settings: Settings) -> web.Application:
     app[PROXY] = proxy
     app[METRICS] = metrics
     app[HISTORY] = history
+    app[REDIS_LINK] = None
+    if q.backend == "redis":
+        from .replicas.link import RedisLink  # the [redis] extra; settings checked it is there
+
+        app[REDIS_LINK] = RedisLink(q.redis, settings.server.replica)
     app.cleanup_ctx.extend(
-        [whitelist_ctx, history_ctx, upstream_ctx, watcher_ctx, scheduler_ctx, parser_ctx]
+        [
+            redis_ctx,
+            whitelist_ctx,
+            history_ctx,
+            upstream_ctx,
+            watcher_ctx,
+            scheduler_ctx,
+            parser_ctx,
+        ]
     )
     app.on_response_prepare.append(answer_headers)
 
@@ -105,6 +118,18 @@ def _log_queue_event(event: str, ticket: Ticket) -> None:
             source=ticket.source,
             priority=ticket.priority,
         )
+
+
+async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
+    """With ``queue.backend: redis``: the link starts with the app (it connects in the
+    background, so the proxy starts while Redis is away) and closes after everything else."""
+    link = app[REDIS_LINK]
+    if link is None:
+        yield
+        return
+    await link.start()
+    yield
+    await link.close()
 
 
 async def whitelist_ctx(app: web.Application) -> AsyncIterator[None]:

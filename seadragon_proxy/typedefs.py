@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from aiohttp import web
 
 from .history import History
@@ -12,6 +14,9 @@ from .record import Recorder
 from .scheduling import Scheduler
 from .upstream import Upstream
 
+if TYPE_CHECKING:  # redis is an optional extra: imported only with queue.backend: redis
+    from .replicas.link import RedisLink
+
 LIVE = web.AppKey("live", Live)
 SCHEDULER = web.AppKey("scheduler", Scheduler)
 UPSTREAM = web.AppKey("upstream", Upstream)
@@ -19,3 +24,4 @@ RECORDER = web.AppKey("recorder", Recorder)
 PROXY = web.AppKey("proxy", Proxy)
 METRICS = web.AppKey("metrics", Metrics)
 HISTORY: web.AppKey[History | None] = web.AppKey("history")
+REDIS_LINK: web.AppKey[RedisLink | None] = web.AppKey("redis_link")
