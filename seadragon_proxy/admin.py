@@ -18,7 +18,7 @@ from .exceptions import BadRequest, DatabaseError, Forbidden, NotFound, Unavaila
 from .history import History, parse_since, summarize, timeseries
 from .httputil import client_ip
 from .scheduling import Scheduler, Ticket
-from .typedefs import HISTORY, LIVE, METRICS, SCHEDULER, UPSTREAM
+from .typedefs import HISTORY, LIVE, METRICS, REDIS_LINK, SCHEDULER, UPSTREAM, WHITELIST_SYNC
 
 
 def authorize(request: web.Request, *, metrics: bool = False) -> None:
@@ -75,19 +75,28 @@ async def queue_view(request: web.Request) -> web.Response:
 
 
 async def health_view(request: web.Request) -> web.Response:
+    """200 "healthy" when Ollama answers (and, with the Redis backend, Redis does); 503
+    "unhealthy" when Ollama does not; 503 "degraded" when only Redis is away: inference is
+    refused then, so a balancer should prefer a replica that reaches Redis, while the
+    metadata routes still answer on this one."""
     scheduler = request.app[SCHEDULER]
     upstream = request.app[UPSTREAM]
+    link = request.app[REDIS_LINK]
     version = await upstream.probe(timeout=min(2.0, upstream.settings.connect_timeout))
     healthy = version is not None
-    return web.json_response(
-        {
-            "status": "healthy" if healthy else "unhealthy",
-            "ollama": {"reachable": healthy, "version": version},
-            "queue_length": scheduler.queue_length,
-            "in_flight": scheduler.in_flight,
-        },
-        status=200 if healthy else 503,
-    )
+    status = "healthy" if healthy else "unhealthy"
+    doc: dict[str, object] = {
+        "status": status,
+        "ollama": {"reachable": healthy, "version": version},
+        "queue_length": scheduler.queue_length,
+        "in_flight": scheduler.in_flight,
+    }
+    if link is not None:
+        doc["replica"] = link.replica
+        doc["redis"] = {"up": link.up, "reason": link.reason}
+        if healthy and not link.up:
+            doc["status"] = "degraded"
+    return web.json_response(doc, status=200 if doc["status"] == "healthy" else 503)
 
 
 async def admin_not_found(request: web.Request) -> web.Response:
@@ -143,6 +152,9 @@ async def whitelist_view(request: web.Request) -> web.Response:
     except DatabaseError as e:
         raise Unavailable(str(e)) from e
     await live.reload_whitelist()
+    sync = request.app[WHITELIST_SYNC]
+    if sync is not None:  # every replica hears of it; false: when Redis is back
+        answer["shared"] = await sync.file_changed()
     return web.json_response(answer)
 
 

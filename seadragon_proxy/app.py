@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import structlog
 from aiohttp import web
@@ -28,7 +29,17 @@ from .proxy import Proxy
 from .record import Recorder
 from .scheduling import Scheduler, Ticket
 from .settings import Settings
-from .typedefs import HISTORY, LIVE, METRICS, PROXY, RECORDER, REDIS_LINK, SCHEDULER, UPSTREAM
+from .typedefs import (
+    HISTORY,
+    LIVE,
+    METRICS,
+    PROXY,
+    RECORDER,
+    REDIS_LINK,
+    SCHEDULER,
+    UPSTREAM,
+    WHITELIST_SYNC,
+)
 from .upstream import Upstream
 from .watch import watch_files
 from .whitelist import WhitelistStore
@@ -74,10 +85,18 @@ def create_app(settings: Settings) -> web.Application:
     app[METRICS] = metrics
     app[HISTORY] = history
     app[REDIS_LINK] = None
+    app[WHITELIST_SYNC] = None
     if q.backend == "redis":
-        from .replicas.link import RedisLink  # the [redis] extra; settings checked it is there
+        # the [redis] extra; settings checked it is there
+        from .replicas.link import RedisLink
+        from .replicas.whitelistsync import WhitelistSync
 
-        app[REDIS_LINK] = RedisLink(q.redis, settings.server.replica)
+        link = RedisLink(q.redis, settings.server.replica)
+        app[REDIS_LINK] = link
+        app[WHITELIST_SYNC] = WhitelistSync(link, live.store, live.reload_whitelist)
+        metrics.add_replica(settings.server.replica, q.backend, lambda: link.up)
+    else:
+        metrics.add_replica(settings.server.replica, q.backend)
     app.cleanup_ctx.extend(
         [
             redis_ctx,
@@ -139,6 +158,9 @@ async def whitelist_ctx(app: web.Application) -> AsyncIterator[None]:
     if created:
         log.info("whitelist_created", database=str(live.store.path), seeded="loopback")
     await live.reload_whitelist()
+    sync = app[WHITELIST_SYNC]
+    if sync is not None:
+        await sync.start()  # the file as it is now is what this replica agreed to
     yield
 
 
@@ -167,7 +189,15 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
 async def watcher_ctx(app: web.Application) -> AsyncIterator[None]:
     """Reload the policy when the YAML file changes and the whitelist when the database does."""
     live = app[LIVE]
-    targets = {live.store.path: live.reload_whitelist}
+    sync = app[WHITELIST_SYNC]
+    targets: dict[Path, Callable[[], Awaitable[object]]] = {live.store.path: live.reload_whitelist}
+    if sync is not None:
+
+        async def whitelist_changed() -> None:
+            await live.reload_whitelist()
+            await sync.file_changed()  # an edit by the CLI, shared with the other replicas
+
+        targets[live.store.path] = whitelist_changed
     if live.config_file is not None:
         targets[live.config_file] = live.reload_config
     task = asyncio.create_task(watch_files(targets), name="file-watcher")

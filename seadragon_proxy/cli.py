@@ -205,6 +205,7 @@ async def _whitelist(args: argparse.Namespace, settings: Settings, out: TextIO) 
             network, new = await store.add(args.entry, args.note)
             verb = "added" if new else "updated the note of"
             print(f"{verb} {network} in {store.path}", file=out)
+            await _share(settings, {network: args.note}, out)
             return 0
         network, found = await store.remove(args.entry)
     except ValueError as e:
@@ -217,9 +218,37 @@ async def _whitelist(args: argparse.Namespace, settings: Settings, out: TextIO) 
     if not found:
         raise Failure(f"{network} is not on the whitelist in {store.path}; nothing removed")
     print(f"removed {network} from {store.path}", file=out)
+    await _share(settings, {network: None}, out)
     if network in LOOPBACK:
         print(f"note: {network} is now refused by sources that require the whitelist", file=out)
     return 0
+
+
+async def _share(settings: Settings, changes: dict[str, str | None], out: TextIO) -> None:
+    """With ``queue.backend: redis``, tell every replica at once (replicas/whitelistsync.py).
+    Redis away: the file has the change, and a replica using it shares it when it can."""
+    if settings.queue.backend != "redis":
+        return
+    import redis.asyncio as redis
+    from redis.exceptions import RedisError
+
+    from .replicafile import redacted
+    from .replicas.whitelistsync import publish
+
+    r = settings.queue.redis
+    client = redis.Redis.from_url(r.url, socket_connect_timeout=2, socket_timeout=5)
+    try:
+        await publish(client, r.prefix, f"cli/{settings.server.replica}", changes)
+    except (RedisError, OSError) as e:
+        print(
+            f"note: Redis at {redacted(r.url)} is unreachable ({e}); the other replicas hear "
+            "of this change when a replica using this file reaches Redis again",
+            file=out,
+        )
+    else:
+        print("shared with every replica through Redis", file=out)
+    finally:
+        await client.aclose()
 
 
 def _check(settings: Settings, out: TextIO) -> int:

@@ -28,7 +28,7 @@ from seadragon_proxy.server import RunningServer, start_server
 from seadragon_proxy.settings import LogSettings, load_settings
 from seadragon_proxy.typedefs import LIVE, RECORDER, SCHEDULER
 
-pytest_plugins = ["tests.redisserver"]  # the redis_server fixture
+pytest_plugins = ["tests.redisserver", "tests.replicas"]  # redis_server, replicas
 
 MODEL = "llama3:70b"
 

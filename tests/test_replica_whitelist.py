@@ -1,0 +1,110 @@
+"""One whitelist for every replica (Redis backend): a change through any replica, by the
+admin API or the CLI, reaches the others within a second; each keeps its own SQLite file;
+a replica that was away (or a Redis that restarted empty) catches up; nothing loops."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+import redis.asyncio as redis
+
+from seadragon_proxy.cli import main
+from seadragon_proxy.whitelist import WhitelistStore
+from tests.redisserver import RedisServer
+from tests.replicas import Replicas, admin
+
+NET = "10.20.30.0/24"
+ADDR = "10.20.30.7"
+
+
+async def version(redis_server: RedisServer) -> int:
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        return int(await client.get("t:whitelist:version") or 0)
+    finally:
+        await client.aclose()
+
+
+async def test_an_admin_api_change_reaches_the_other_replica_and_its_file(
+    replicas: Replicas, redis_server: RedisServer
+) -> None:
+    a, b = await replicas(2)
+    assert not b.allows(ADDR)
+    async with aiohttp.ClientSession() as session:
+        doc = await admin(session, a, "POST", NET)
+        assert doc == {"network": NET, "added": True, "shared": True}
+        await b.until(lambda: b.allows(ADDR))
+        assert NET in [e.network for e in await WhitelistStore(b.database).entries()]
+
+        # What b heard and wrote is not published again: its file now matches what it
+        # agreed with Redis on, so there is nothing to share and the counter stays.
+        before = await version(redis_server)
+        assert await b.sync.file_changed() is True
+        assert await version(redis_server) == before
+
+        doc = await admin(session, b, "DELETE", NET)
+        assert doc == {"network": NET, "removed": True, "shared": True}
+        await a.until(lambda: not a.allows(ADDR))
+        assert NET not in [e.network for e in await WhitelistStore(a.database).entries()]
+
+
+async def test_the_cli_edit_of_one_replicas_file_reaches_the_other(replicas: Replicas) -> None:
+    a, b = await replicas(2)
+    code = await asyncio.to_thread(
+        main, ["whitelist", "add", ADDR, "--note", "ci", "--config", str(a.config_path)]
+    )
+    assert code == 0
+    await b.until(lambda: b.allows(ADDR))
+    await a.until(lambda: a.allows(ADDR))  # and the replica on that file, as before
+    code = await asyncio.to_thread(
+        main, ["whitelist", "remove", ADDR, "--config", str(b.config_path)]
+    )
+    assert code == 0
+    await a.until(lambda: not a.allows(ADDR))
+
+
+async def test_a_replica_that_was_stopped_catches_up_when_it_starts(replicas: Replicas) -> None:
+    a, b = await replicas(2)
+    await b.stop()
+    async with aiohttp.ClientSession() as session:
+        await admin(session, a, "POST", NET)
+    await b.start()
+    await b.until(lambda: b.allows(ADDR), timeout=5)
+
+
+async def test_changes_made_while_redis_is_away_are_shared_when_it_is_back(
+    replicas: Replicas, redis_server: RedisServer
+) -> None:
+    a, b = await replicas(2)
+    await redis_server.stop()
+    await a.redis_up(False)
+    await b.redis_up(False)
+    async with aiohttp.ClientSession() as session:
+        doc = await admin(session, a, "POST", NET)
+        assert doc["shared"] is False and a.allows(ADDR)  # in force here at once
+    assert not b.allows(ADDR)
+    await redis_server.start()  # empty: no copy of the list survived
+    await b.until(lambda: b.allows(ADDR), timeout=10)
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        assert await client.hget("t:whitelist:entries", NET) == b"t"
+    finally:
+        await client.aclose()
+
+
+async def test_a_bad_message_on_the_channel_is_ignored(
+    replicas: Replicas, redis_server: RedisServer
+) -> None:
+    a, b = await replicas(2)
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        for junk in (b"not json", b"[]", json.dumps({"origin": "x", "network": "300.1.1.1"})):
+            await client.publish("t:whitelist", junk)
+        good = json.dumps({"origin": "x", "network": ADDR, "note": "ok"})
+        await client.publish("t:whitelist", good)  # after the junk, on the same connection
+    finally:
+        await client.aclose()
+    await b.until(lambda: b.allows(ADDR))
+    await a.until(lambda: a.allows(ADDR))
