@@ -14,6 +14,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import NoReturn, TextIO
 
 from multidict import CIMultiDict
@@ -54,6 +55,12 @@ def _port(text: str) -> int:
     return int(text)
 
 
+def _workers(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 64:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of workers (1 to 64)")
+    return int(text)
+
+
 def _address(text: str) -> str:
     try:
         parse_address(text)
@@ -82,6 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to listen on (overrides server.host)")
     serve.add_argument("--port", type=_port, help="port to listen on (overrides server.port)")
     serve.add_argument("--upstream", metavar="URL", help="Ollama's URL (overrides upstream.url)")
+    serve.add_argument(
+        "--workers",
+        type=_workers,
+        default=1,
+        metavar="N",
+        help="N processes sharing the port, one replica each (needs queue.backend: redis)",
+    )
+    serve.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # set by --workers
 
     wl = sub.add_parser("whitelist", help="show or change the whitelist")
     wl_sub = wl.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -171,9 +186,31 @@ def _serve(args: argparse.Namespace) -> int:
     settings = load_settings(config_path(args.config)).override(
         host=args.host, port=args.port, upstream=args.upstream
     )
+    if args.workers > 1 and settings.queue.backend != "redis":
+        raise UsageError(
+            f"{PROG} serve: --workers {args.workers} needs queue.backend: redis, because each "
+            "worker is its own process and only Redis lets them share one queue and its slots"
+        )
+    reuse_port = False
+    if args.worker is not None:  # one of --workers N, started by the parent below
+        from .replicas.workers import set_parent_death_signal, worker_name
+
+        set_parent_death_signal()
+        server = replace(settings.server, replica=worker_name(settings.server.replica, args.worker))
+        settings = replace(settings, server=server)
+        reuse_port = True
     configure_logging(settings.log)
     try:
-        return asyncio.run(serve(settings))
+        if args.workers > 1 and args.worker is None:
+            from .replicas.workers import supervise
+
+            argv = ["--config", str(config_path(args.config))]
+            if args.upstream is not None:
+                argv += ["--upstream", args.upstream]
+            return asyncio.run(
+                supervise(args.workers, argv, settings.server.host, settings.server.port)
+            )
+        return asyncio.run(serve(settings, reuse_port=reuse_port))
     except OSError as e:
         raise Failure(
             f"cannot listen on {settings.server.host}:{settings.server.port}: {e.strerror or e}"
