@@ -1,4 +1,4 @@
-"""The six scenarios; each is ``async def run(bench) -> list[Row]`` and measures every
+"""The seven scenarios; each is ``async def run(bench) -> list[Row]`` and measures every
 target in turn (or interleaved, where drift on a noisy machine would bias the comparison)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 
 from ..context import Bench
 from ..report import Row
-from . import handoff, latency, priority, scale, throughput
+from . import handoff, latency, priority, scale, throughput, workers
 
 Scenario = Callable[[Bench], Awaitable[list[Row]]]
 
@@ -19,4 +19,5 @@ SCENARIOS: dict[str, tuple[str, Scenario, float]] = {
     "4": ("streaming throughput", throughput.run, 60),
     "5": ("queue scale", scale.run, 150),
     "6": ("priority under load", priority.run, 60),
+    "7": ("workers", workers.run, 90),
 }
