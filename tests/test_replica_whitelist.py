@@ -94,17 +94,22 @@ async def test_changes_made_while_redis_is_away_are_shared_when_it_is_back(
         await client.aclose()
 
 
-async def test_a_bad_message_on_the_channel_is_ignored(
+async def test_bad_and_stale_messages_on_the_channel_are_ignored(
     replicas: Replicas, redis_server: RedisServer
 ) -> None:
     a, b = await replicas(2)
     client = redis.Redis.from_url(redis_server.url)
+
+    def change(network: str, version: object) -> str:
+        return json.dumps({"origin": "x", "network": network, "note": "n", "version": version})
+
     try:
-        for junk in (b"not json", b"[]", json.dumps({"origin": "x", "network": "300.1.1.1"})):
-            await client.publish("t:whitelist", junk)
-        good = json.dumps({"origin": "x", "network": ADDR, "note": "ok"})
-        await client.publish("t:whitelist", good)  # after the junk, on the same connection
+        junk = [b"not json", b"[]", change("300.1.1.1", 10**6), change("10.9.9.9", "7")]
+        stale = change("10.9.9.9", 1)  # older than the copy both replicas reconciled with
+        for message in [*junk, stale, change(ADDR, 10**6)]:
+            await client.publish("t:whitelist", message)
     finally:
         await client.aclose()
-    await b.until(lambda: b.allows(ADDR))
+    await b.until(lambda: b.allows(ADDR))  # the last one, on the same connection: all read
     await a.until(lambda: a.allows(ADDR))
+    assert not a.allows("10.9.9.9") and not b.allows("10.9.9.9")

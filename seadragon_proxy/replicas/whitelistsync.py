@@ -3,8 +3,11 @@ kept in a Redis copy, and each replica applies what it hears to its own SQLite f
 
 Redis holds the shared list as a hash ``<prefix>whitelist:entries`` (network -> note) and a
 counter ``<prefix>whitelist:version`` (which also says "Redis has a copy"). A change is one
-transaction: the hash is updated, the counter incremented, and the change published, so a
-replica that hears the message and a replica that reads the copy later agree.
+script, so atomic: the counter incremented, the hash updated, and the change published with
+its number, so a replica that hears the message and a replica that reads the copy later
+agree. Every replica hears changes in Redis's order; one older than what it already has for
+that entry (its own later edit, or the copy it reconciled with) is skipped, so two replicas
+editing one entry at once end with the same (Redis's last) value.
 
 No loops, by construction: a replica publishes only what its SQLite file holds that differs
 from ``baseline`` — the list it last agreed with Redis on. A change heard from Redis is written
@@ -28,6 +31,7 @@ import asyncio
 import json
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 
 import redis.asyncio as redis
 import structlog
@@ -58,36 +62,68 @@ def diff(old: Mapping[str, str], new: Mapping[str, str]) -> dict[str, str | None
     return changes
 
 
+# One change, atomically: count it, apply it to the copy, announce it with its number.
+_CHANGE = """
+local version = redis.call('INCR', KEYS[2])
+local message = {origin = ARGV[1], network = ARGV[2], version = version}
+if ARGV[3] == '1' then
+    redis.call('HSET', KEYS[1], ARGV[2], ARGV[4])
+    message['note'] = ARGV[4]
+else
+    redis.call('HDEL', KEYS[1], ARGV[2])
+end
+redis.call('PUBLISH', KEYS[3], cjson.encode(message))
+return version
+"""
+
+
+# Fill an empty copy from one replica's file; 0 if there is a copy already.
+_SEED = """
+if redis.call('EXISTS', KEYS[2]) == 1 then
+    return 0
+end
+for i = 1, #ARGV, 2 do
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+end
+return redis.call('INCR', KEYS[2])
+"""
+
+
 async def publish(
     client: redis.Redis, prefix: str, origin: str, changes: Mapping[str, str | None]
-) -> None:
-    """Apply ``changes`` to the Redis copy and announce each, in one transaction."""
-    if not changes:
-        return
+) -> dict[str, int]:
+    """Apply each change to the Redis copy and announce it; returns each one's version."""
     channel, entries, version = keys(prefix)
-    async with client.pipeline(transaction=True) as pipe:
-        for network, note in changes.items():
-            if note is None:
-                pipe.hdel(entries, network)
-            else:
-                pipe.hset(entries, network, note)
-            message = {"origin": origin, "network": network, "note": note}
-            pipe.publish(channel, json.dumps(message))
-        pipe.incr(version)
-        await pipe.execute()
+    script = client.register_script(_CHANGE)
+    done: dict[str, int] = {}
+    for network, note in changes.items():
+        args = [origin, network, "0" if note is None else "1", note or ""]
+        done[network] = int(await script(keys=[entries, version, channel], args=args))
+    return done
 
 
-def parse_message(data: bytes) -> tuple[str, str, str | None]:
-    """``(origin, network, note or None)``; ``ValueError`` for anything else."""
+@dataclass(frozen=True, slots=True)
+class Change:
+    origin: str
+    network: str
+    note: str | None  # None: removed
+    version: int
+
+
+def parse_message(data: bytes) -> Change:
+    """One published change; ``ValueError`` for anything else."""
     doc = json.loads(data)
     if not isinstance(doc, dict):
         raise ValueError("not an object")
     origin, network, note = doc.get("origin"), doc.get("network"), doc.get("note")
+    version = doc.get("version")
     if not isinstance(origin, str) or not isinstance(network, str):
         raise ValueError("origin and network must be text")
     if note is not None and (not isinstance(note, str) or len(note) > 500):
-        raise ValueError("note must be text of at most 500 characters, or null")
-    return origin, format_network(parse_network(network)), note
+        raise ValueError("note must be text of at most 500 characters, or absent")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ValueError("version must be a whole number")
+    return Change(origin, format_network(parse_network(network)), note, version)
 
 
 class WhitelistSync:
@@ -102,6 +138,8 @@ class WhitelistSync:
         self.baseline: Entries | None = None  # None until start() read the file
         self._lock = asyncio.Lock()
         self.pending = False  # a local change not yet in Redis (it was unreachable)
+        self.versions: dict[str, int] = {}  # network -> the newest change applied or made
+        self.floor = 0  # the Redis version the last reconcile read: older news is stale
         link.subscribe(self.channel, self._heard)
         link.add_state_listener(self._link_state)
 
@@ -131,7 +169,9 @@ class WhitelistSync:
             if not changes:
                 return True
             try:
-                await publish(self.link.client, self.link.settings.prefix, self.origin, changes)
+                made = await publish(
+                    self.link.client, self.link.settings.prefix, self.origin, changes
+                )
             except (RedisError, OSError) as e:
                 self.pending = True
                 log.warning(
@@ -142,6 +182,7 @@ class WhitelistSync:
                 )
                 return False
             self.baseline = current
+            self.versions.update(made)
             log.info("whitelist_published", changes=len(changes))
             return True
 
@@ -149,19 +190,25 @@ class WhitelistSync:
 
     async def _heard(self, data: bytes) -> None:
         try:
-            origin, network, note = parse_message(data)
+            change = parse_message(data)
         except ValueError as e:
             log.warning("whitelist_message_ignored", error=str(e)[:200])
             return
-        if origin == self.origin:
-            return
         async with self._lock:
-            if self.baseline is None:
+            if self.baseline is None or change.origin == self.origin:
                 return
-            if await self._apply({network: note}):
-                self.baseline = {**self.baseline, **({network: note} if note is not None else {})}
-                if note is None:
-                    self.baseline.pop(network, None)
+            # Older than what this replica already has for the entry (its own later edit,
+            # or the copy it reconciled with): Redis has the newer one, and so does the file.
+            if change.version <= max(self.floor, self.versions.get(change.network, 0)):
+                return
+            self.versions[change.network] = change.version
+            if not await self._apply({change.network: change.note}):
+                return
+            self.baseline = dict(self.baseline)
+            if change.note is None:
+                self.baseline.pop(change.network, None)
+            else:
+                self.baseline[change.network] = change.note
         await self.changed()
 
     async def _apply(self, changes: Mapping[str, str | None]) -> bool:
@@ -193,19 +240,30 @@ class WhitelistSync:
             try:
                 current = await self._read_file()
                 client = self.link.client
-                has_copy = await client.exists(self.version_key)
-                raw = await client.hgetall(self.entries_key)
-                remote = {_text(k): _text(v) for k, v in raw.items()}
-                if not has_copy:
-                    await publish(client, self.link.settings.prefix, self.origin, current)
-                    if not current:  # an empty list still marks the copy as there
-                        await client.incr(self.version_key)
+                # No copy (a new Redis, or one that restarted empty): this file is it, unless
+                # another replica's seed came first. One script, so only one seed wins.
+                seeded = await client.register_script(_SEED)(
+                    keys=[self.entries_key, self.version_key],
+                    args=[x for pair in current.items() for x in pair],
+                )
+                if seeded:
+                    self.versions, self.floor = {}, int(seeded)
                     self.baseline, self.pending = current, False
                     log.info("whitelist_seeded_redis", entries=len(current))
                     return
+                async with client.pipeline(transaction=True) as pipe:
+                    pipe.get(self.version_key)
+                    pipe.hgetall(self.entries_key)
+                    counter, raw = await pipe.execute()
+                remote = {_text(k): _text(v) for k, v in raw.items()}
+                # A new epoch: versions count from what Redis has now (it may have restarted
+                # empty and be counting from 1 again).
+                self.versions, self.floor = {}, int(counter or 0)
                 mine = diff(self.baseline, current)
                 theirs = {n: v for n, v in diff(self.baseline, remote).items() if n not in mine}
-                await publish(client, self.link.settings.prefix, self.origin, mine)
+                self.versions.update(
+                    await publish(client, self.link.settings.prefix, self.origin, mine)
+                )
                 applied = await self._apply(theirs)
             except (RedisError, OSError, DatabaseError) as e:
                 log.warning("whitelist_reconcile_failed", error=str(e)[:300])
