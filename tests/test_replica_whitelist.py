@@ -6,15 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import aiohttp
+import pytest
 import redis.asyncio as redis
+import yaml
 
 from seadragon_proxy.cli import main
 from seadragon_proxy.whitelist import WhitelistStore
+from tests.conftest import free_port
 from tests.redisserver import RedisServer
 from tests.replicas import Replicas, admin
 
+RULES = {"sources": [{"name": "all", "priority": 0}], "default_source": "all"}
 NET = "10.20.30.0/24"
 ADDR = "10.20.30.7"
 
@@ -63,6 +68,32 @@ async def test_the_cli_edit_of_one_replicas_file_reaches_the_other(replicas: Rep
     )
     assert code == 0
     await a.until(lambda: not a.allows(ADDR))
+
+
+async def test_the_cli_shares_a_change_itself_when_no_replica_runs_on_its_file(
+    replicas: Replicas,
+) -> None:
+    a, b = await replicas(2)
+    await a.stop()  # nobody watches a's file: the CLI's own message is what b hears
+    code = await asyncio.to_thread(main, ["whitelist", "add", NET, "--config", str(a.config_path)])
+    assert code == 0
+    await b.until(lambda: b.allows(ADDR))
+
+
+def test_the_cli_with_redis_away_changes_the_file_and_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    doc = {
+        **RULES,
+        "whitelist": {"database": str(tmp_path / "w.db")},
+        "queue": {"backend": "redis", "redis": {"url": f"redis://:pw@127.0.0.1:{free_port()}/0"}},
+    }
+    path = tmp_path / "seadragon.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    assert main(["whitelist", "add", ADDR, "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"added {ADDR} in" in out and "is unreachable" in out and ":pw@" not in out
+    assert "when a replica using this file reaches Redis again" in out
 
 
 async def test_a_replica_that_was_stopped_catches_up_when_it_starts(replicas: Replicas) -> None:

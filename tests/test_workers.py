@@ -79,6 +79,8 @@ async def test_two_workers_share_the_port_as_two_replicas_and_stop_on_sigterm(
             assert seen == names
             async with session.get(served.url + "/api/tags") as r:
                 assert r.status == 200
+        served.process.send_signal(signal.SIGHUP)  # passed on: each worker reloads
+        await served.wait_for("sighup", count=2)
         served.process.send_signal(signal.SIGTERM)
         assert await served.process.wait() == 0
         stopped = await served.wait_for("workers_stopped")
