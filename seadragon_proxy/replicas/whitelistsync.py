@@ -168,6 +168,15 @@ class WhitelistSync:
             changes = diff(self.baseline, current)
             if not changes:
                 return True
+            if not self.link.up:  # no waiting on a Redis known to be away: reconcile sends it
+                self.pending = True
+                log.warning(
+                    "whitelist_not_shared_yet",
+                    changes=len(changes),
+                    reason=self.link.reason,
+                    effect="published when Redis is back",
+                )
+                return False
             try:
                 made = await publish(
                     self.link.client, self.link.settings.prefix, self.origin, changes
