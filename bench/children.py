@@ -140,13 +140,21 @@ def proxy_config(workdir: Path, upstream: str) -> dict[str, Any]:
     }
 
 
-async def start_proxy(workdir: Path, upstream: str, loop: str, redis: str | None = None) -> Child:
-    """The proxy; with ``redis`` (a URL), the Redis backend, as ``proxy-redis``."""
-    name = "proxy" if redis is None else "proxy-redis"
+async def start_proxy(
+    workdir: Path,
+    upstream: str,
+    loop: str,
+    redis: str | None = None,
+    name: str | None = None,
+) -> Child:
+    """The proxy; with ``redis`` (a URL), the Redis backend (``proxy-redis``, or ``name``,
+    which is also its replica name and its own database)."""
+    name = name or ("proxy" if redis is None else "proxy-redis")
     config = proxy_config(workdir, upstream)
     if redis is not None:
         config["queue"] |= {"backend": "redis", "redis": {"url": redis, "prefix": "bench:"}}
-        config["whitelist"]["database"] = str(workdir / "data-redis" / "seadragon.db")
+        config["whitelist"]["database"] = str(workdir / f"data-{name}" / "seadragon.db")
+        config["server"]["replica"] = name
     path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     return await start_python_child(name, ["bench.proxy_child", str(path), "--loop", loop], workdir)

@@ -183,7 +183,7 @@ async def bench_main(args: argparse.Namespace) -> int:
                 meta["software"]["haproxy"] = haproxy
                 progress(began, f"targets: {', '.join(t.name for t in targets)}; warming up")
                 await warm_up(targets)
-                bench = Bench(fake, targets, sizes, details)
+                bench = Bench(fake, targets, sizes, details, Path(tmp))
                 proxy_pid = next(t.pid for t in targets if t.name == "proxy")
                 await run_scenarios(bench, proxy_pid, args, report, began)
                 progress(began, "stopping")

@@ -1,4 +1,4 @@
-"""The seven scenarios; each is ``async def run(bench) -> list[Row]`` and measures every
+"""The eight scenarios; each is ``async def run(bench) -> list[Row]`` and measures every
 target in turn (or interleaved, where drift on a noisy machine would bias the comparison)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 
 from ..context import Bench
 from ..report import Row
-from . import handoff, latency, priority, scale, throughput, workers
+from . import handoff, latency, priority, scale, spread, throughput, workers
 
 Scenario = Callable[[Bench], Awaitable[list[Row]]]
 
@@ -20,4 +20,5 @@ SCENARIOS: dict[str, tuple[str, Scenario, float]] = {
     "5": ("queue scale", scale.run, 150),
     "6": ("priority under load", priority.run, 60),
     "7": ("workers", workers.run, 90),
+    "8": ("waiters on two replicas", spread.run, 150),
 }
