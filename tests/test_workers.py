@@ -3,8 +3,10 @@ each through the Redis backend; the parent passes signals on and reports a worke
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -104,3 +106,20 @@ async def test_a_worker_that_dies_is_reported_and_the_others_are_stopped(
         assert not Path(f"/proc/{pids['1']}").exists()
     finally:
         await served.stop()
+
+
+async def test_workers_on_a_port_in_use_fail_before_any_worker_starts(
+    tmp_path: Path, fake: FakeOllama, redis_server: RedisServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    queue = {"backend": "redis", "redis": {"url": redis_server.url}}
+    path = write_config(tmp_path, fake, queue)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        code = await asyncio.to_thread(
+            main, ["serve", "--workers", "2", "--config", str(path), "--port", port]
+        )
+    assert code == 1
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in err
