@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -17,7 +18,7 @@ from seadragon_proxy.cli import main
 from seadragon_proxy.whitelist import WhitelistStore
 from tests.conftest import free_port
 from tests.redisserver import RedisServer
-from tests.replicas import Replicas, admin
+from tests.replicas import Replica, Replicas, admin
 
 RULES = {"sources": [{"name": "all", "priority": 0}], "default_source": "all"}
 NET = "10.20.30.0/24"
@@ -144,3 +145,49 @@ async def test_bad_and_stale_messages_on_the_channel_are_ignored(
     await b.until(lambda: b.allows(ADDR))  # the last one, on the same connection: all read
     await a.until(lambda: a.allows(ADDR))
     assert not a.allows("10.9.9.9") and not b.allows("10.9.9.9")
+
+
+async def test_two_replicas_editing_one_entry_at_once_end_with_the_same_note(
+    replicas: Replicas, redis_server: RedisServer
+) -> None:
+    a, b = await replicas(2)
+    heard = asyncio.Event()
+    for replica in (a, b):
+        changed = replica.sync.changed
+
+        async def wrapped(changed: Any = changed) -> None:
+            await changed()
+            heard.set()
+
+        replica.sync.changed = wrapped
+    client = redis.Redis.from_url(redis_server.url)
+
+    async def notes(network: str) -> tuple[str | None, ...]:
+        shared = await client.hget("t:whitelist:entries", network)
+        files = []
+        for replica in (a, b):
+            found = {e.network: e.note for e in await WhitelistStore(replica.database).entries()}
+            files.append(found.get(network))
+        return (shared.decode() if shared else None, *files)
+
+    try:
+        async with aiohttp.ClientSession() as session:
+            for i in range(5):
+                network = f"10.1.{i}.0/24"
+
+                async def post(replica: Replica, note: str, network: str = network) -> None:
+                    body = {"network": network, "note": note}
+                    url = replica.url + "/api/admin/whitelist"
+                    async with session.post(url, json=body) as r:
+                        assert r.status == 200
+
+                await asyncio.gather(post(a, "from a"), post(b, "from b"))
+                async with asyncio.timeout(2):
+                    while True:
+                        heard.clear()  # before reading: a change meanwhile is not missed
+                        if len(set(found := await notes(network))) == 1:
+                            break
+                        await heard.wait()
+                assert found[0] in ("from a", "from b")
+    finally:
+        await client.aclose()
