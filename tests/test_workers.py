@@ -123,3 +123,37 @@ async def test_workers_on_a_port_in_use_fail_before_any_worker_starts(
     assert code == 1
     err = capsys.readouterr().err
     assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in err
+
+
+async def exited(pid: int, timeout: float = 30) -> None:
+    """Until process ``pid`` (not our child) has exited: its pidfd becomes readable."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    loop = asyncio.get_running_loop()
+    gone = asyncio.Event()
+    loop.add_reader(fd, gone.set)
+    try:
+        async with asyncio.timeout(timeout):
+            await gone.wait()
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+
+
+async def test_workers_stop_when_the_parent_is_killed(
+    tmp_path: Path, fake: FakeOllama, redis_server: RedisServer
+) -> None:
+    served = await start_workers(tmp_path, fake, redis_server.url, 2)
+    try:
+        pids = (await served.wait_for("workers_started"))["pids"]
+        served.process.kill()  # SIGKILL: the parent passes nothing on
+        assert await served.process.wait() == -9
+        for pid in pids.values():  # the kernel's parent-death signal stops each worker
+            await exited(pid)
+        # (no orphan keeps the port: a new server can take it at once)
+        with socket.socket() as again:
+            again.bind(("127.0.0.1", int(served.url.rsplit(":", 1)[1])))
+    finally:
+        await served.stop()
