@@ -93,7 +93,11 @@ async def health_view(request: web.Request) -> web.Response:
     }
     if link is not None:
         doc["replica"] = link.replica
-        doc["redis"] = {"up": link.up, "reason": link.reason}
+        redis: dict[str, object] = {"up": link.up, "reason": link.reason}
+        sync = request.app[WHITELIST_SYNC]
+        if sync is not None:  # "pending": a change here waits for Redis to be shared
+            redis["whitelist"] = "pending" if sync.pending else "shared"
+        doc["redis"] = redis
         if healthy and not link.up:
             doc["status"] = "degraded"
     return web.json_response(doc, status=200 if doc["status"] == "healthy" else 503)

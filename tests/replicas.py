@@ -73,6 +73,8 @@ class Replica:
             while link.up != up:
                 changed.clear()
                 await changed.wait()
+            if up:
+                await self.sync.settled()  # the reconcile that the link's coming up began
 
 
 Replicas = Callable[..., Awaitable[list[Replica]]]

@@ -7,7 +7,7 @@ import aiohttp
 
 from tests.conftest import ProxyFactory
 from tests.redisserver import RedisServer
-from tests.replicas import Replicas
+from tests.replicas import Replicas, admin
 
 
 async def test_health_names_the_replica_and_says_why_redis_is_away(
@@ -19,7 +19,7 @@ async def test_health_names_the_replica_and_says_why_redis_is_away(
             doc = await r.json()
         assert r.status == 200
         assert doc["status"] == "healthy" and doc["replica"] == "proxy-1"
-        assert doc["redis"] == {"up": True, "reason": None}
+        assert doc["redis"] == {"up": True, "reason": None, "whitelist": "shared"}
 
         await redis_server.stop()
         await a.redis_up(False)
@@ -31,11 +31,16 @@ async def test_health_names_the_replica_and_says_why_redis_is_away(
         assert f"Redis at redis://127.0.0.1:{redis_server.port}/0" in doc["redis"]["reason"]
         async with session.get(a.url + "/api/tags") as r:  # metadata still answers
             assert r.status == 200
+        await admin(session, a, "POST", "10.0.0.0/8")  # in force here, not shared yet
+        async with session.get(a.url + "/health") as r:
+            assert (await r.json())["redis"]["whitelist"] == "pending"
 
         await redis_server.start()
-        await a.redis_up(True)
+        await a.redis_up(True)  # woken after the link's earlier listener, the reconcile
         async with session.get(a.url + "/health") as r:
-            assert r.status == 200 and (await r.json())["status"] == "healthy"
+            doc = await r.json()
+        assert r.status == 200 and doc["status"] == "healthy"
+        assert doc["redis"]["whitelist"] == "shared"  # the reconcile on link-up sent it
 
 
 async def test_metrics_carry_the_replica_and_redis_state(

@@ -150,6 +150,12 @@ class WhitelistSync:
         if self.link.up:
             await self.reconcile()
 
+    async def settled(self) -> None:
+        """Return once no change or reconcile is under way (the link's coming up starts its
+        reconcile before anyone else runs, so after ``link.up`` this waits for it)."""
+        async with self._lock:
+            pass
+
     async def _read_file(self) -> Entries:
         return {e.network: e.note for e in await self.store.entries()}
 
