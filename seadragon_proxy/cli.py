@@ -210,7 +210,7 @@ def _serve(args: argparse.Namespace) -> int:
             return asyncio.run(
                 supervise(args.workers, argv, settings.server.host, settings.server.port)
             )
-        return asyncio.run(serve(settings, reuse_port=reuse_port))
+        return asyncio.run(serve(settings, reuse_port=reuse_port, worker=reuse_port))
     except OSError as e:
         raise Failure(
             f"cannot listen on {settings.server.host}:{settings.server.port}: {e.strerror or e}"

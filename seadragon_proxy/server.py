@@ -94,8 +94,9 @@ def raise_open_file_limit() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-async def serve(settings: Settings, *, reuse_port: bool = False) -> int:
-    """Run until SIGTERM or SIGINT; returns the exit status."""
+async def serve(settings: Settings, *, reuse_port: bool = False, worker: bool = False) -> int:
+    """Run until SIGTERM or SIGINT; returns the exit status. ``worker``: one of ``serve
+    --workers``, which gets more than one SIGTERM (see below)."""
     open_files = raise_open_file_limit()
     server = await start_server(settings, reuse_port=reuse_port)
     live = server.app[LIVE]
@@ -125,9 +126,17 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> int:
     )
     try:
         await stop.wait()
+        loop.remove_signal_handler(signal.SIGHUP)
+        # The handlers for SIGTERM and SIGINT stay while stopping: a second one (systemd
+        # signals every process of the unit, and `serve --workers` passes it on as well;
+        # Ctrl-C reaches the whole process group) must not kill the graceful stop.
+        await server.stop()
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
-        await server.stop()
+        if worker:
+            # A worker can be sent SIGTERM several times (the parent-death signal, the
+            # parent, systemd): once stopped, the rest must not kill it before it exits.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
     log.info("stopped")
     return 0
