@@ -116,8 +116,9 @@ async def start_python_child(name: str, args: list[str], workdir: Path) -> Child
     return child
 
 
-async def start_fake(workdir: Path, loop: str) -> Child:
-    return await start_python_child("fake", ["bench.fake_child", "--loop", loop], workdir)
+async def start_fake(workdir: Path, loop: str, parallel: int = 1, name: str = "fake") -> Child:
+    args = ["bench.fake_child", "--loop", loop, "--parallel", str(parallel)]
+    return await start_python_child(name, args, workdir)
 
 
 def proxy_config(workdir: Path, upstream: str) -> dict[str, Any]:
@@ -147,9 +148,21 @@ def proxy_config(workdir: Path, upstream: str) -> dict[str, Any]:
     }
 
 
-async def start_proxy(workdir: Path, upstream: str, loop: str) -> Child:
-    path = workdir / "seadragon.yaml"
-    path.write_text(yaml.safe_dump(proxy_config(workdir, upstream)))
-    return await start_python_child(
-        "proxy", ["bench.proxy_child", str(path), "--loop", loop], workdir
-    )
+async def start_proxy(
+    workdir: Path,
+    upstream: str,
+    loop: str,
+    redis: str | None = None,
+    name: str | None = None,
+) -> Child:
+    """The proxy; with ``redis`` (a URL), the Redis backend (``proxy-redis``, or ``name``,
+    which is also its replica name and its own database)."""
+    name = name or ("proxy" if redis is None else "proxy-redis")
+    config = proxy_config(workdir, upstream)
+    if redis is not None:
+        config["queue"] |= {"backend": "redis", "redis": {"url": redis, "prefix": "bench:"}}
+        config["whitelist"]["database"] = str(workdir / f"data-{name}" / "seadragon.db")
+        config["server"]["replica"] = name
+    path = workdir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return await start_python_child(name, ["bench.proxy_child", str(path), "--loop", loop], workdir)

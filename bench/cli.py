@@ -26,15 +26,18 @@ from . import client, machine, sampling
 from .children import START_TIMEOUT, start_fake, start_proxy
 from .context import Bench, Sizes
 from .haproxy import haproxy_version, start_haproxy
-from .report import Report, render, write_json
+from .redis_child import redis_url, start_redis
+from .report import Report, Row, render, write_json
 from .rpc import ChildError
 from .runtime import LOOPS, loop_version, raise_nofile_limit, run
 from .scenarios import SCENARIOS
+from .scenarios.workers import NEEDS_QUEUE, redis_queue_present
 from .targets import Direct, Fake, HAProxy, Proxied, Target
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BUDGET = 270.0  # seconds; then up to 10 s per child to stop: within five minutes in all
 WARM_UP = 50
+WITH_REDIS = ("1", "2")  # the "handoff gap and added latency with the Redis backend"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -94,6 +97,13 @@ async def start_targets(
     stack.push_async_callback(proxy_child.stop)
     fake = Fake(fake_child)
     targets: list[Target] = [Direct(fake), Proxied(proxy_child)]
+    if redis_queue_present():  # the Redis backend's column, once its queue is merged
+        redis_child = await start_redis(workdir)
+        if redis_child is not None:
+            stack.push_async_callback(redis_child.stop)
+            child = await start_proxy(workdir, fake_child.url, args.loop, redis_url(redis_child))
+            stack.push_async_callback(child.stop)
+            targets.append(Proxied(child, "proxy-redis"))
     haproxy = None if args.no_haproxy else shutil.which("haproxy")
     if haproxy is None:
         return fake, targets, None
@@ -135,6 +145,9 @@ async def run_scenarios(
         try:
             async with maybe_profiled(args, proxy_pid, key), asyncio.timeout(limit):
                 report.rows += await scenario(bench)
+            if key in WITH_REDIS and all(t.name != "proxy-redis" for t in bench.targets):
+                why = NEEDS_QUEUE if not redis_queue_present() else "needs redis-server"
+                report.rows.append(Row(report.rows[-1].scenario, f"proxy-redis: {why}", "", {}))
         except Exception as e:
             report.errors.append(f"scenario {key} ({name}): {type(e).__name__}: {e}")
             progress(began, f"scenario {key} failed: {type(e).__name__}: {e}")
@@ -170,7 +183,7 @@ async def bench_main(args: argparse.Namespace) -> int:
                 meta["software"]["haproxy"] = haproxy
                 progress(began, f"targets: {', '.join(t.name for t in targets)}; warming up")
                 await warm_up(targets)
-                bench = Bench(fake, targets, sizes, details)
+                bench = Bench(fake, targets, sizes, details, Path(tmp))
                 proxy_pid = next(t.pid for t in targets if t.name == "proxy")
                 await run_scenarios(bench, proxy_pid, args, report, began)
                 progress(began, "stopping")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .targets import Fake, Target
@@ -32,3 +33,4 @@ class Bench:
     targets: list[Target]
     sizes: Sizes
     details: dict[str, Any] = field(default_factory=dict)  # raw figures for the JSON file
+    workdir: Path = field(default_factory=Path)  # the run's temporary directory

@@ -1,7 +1,8 @@
 """The fake Ollama in its own process: ``python -m bench.fake_child [--loop uvloop]``.
 
 ``FakeOllama(parallel=1)`` serves one inference request at a time, as Ollama with
-``OLLAMA_NUM_PARALLEL=1`` does. Two bench-only middlewares count inference requests as they
+``OLLAMA_NUM_PARALLEL=1`` does (``--parallel N``: N at a time, for the workers scenario).
+Two bench-only middlewares count inference requests as they
 arrive (body read) and as they get their turn, so the harness can wait for "n requests
 waiting here" without scanning the request list. The control channel (``bench.rpc``) offers:
 
@@ -137,8 +138,8 @@ def control(fake: FakeOllama, tally: Tally) -> dict[str, rpc.Handler]:
     }
 
 
-async def main() -> None:
-    fake = FakeOllama(parallel=1)
+async def main(parallel: int = 1) -> None:
+    fake = FakeOllama(parallel=parallel)
     tally = Tally()
     app = fake.app()
     app.middlewares.insert(0, tally.at_door)
@@ -159,5 +160,7 @@ async def main() -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--loop", choices=LOOPS, default="asyncio")
+    parser.add_argument("--parallel", type=int, default=1, help="inference at once (slots)")
+    args = parser.parse_args()
     raise_nofile_limit()
-    run(main(), parser.parse_args().loop)
+    run(main(args.parallel), args.loop)

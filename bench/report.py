@@ -11,8 +11,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 Compare = Literal["ratio", "diff", ""]
-COLUMNS = ("direct", "proxy", "haproxy", "affinity", "nginx")  # the last two: scenarios 7-8
-DECIMALS = {"ms": 3, "s": 2, "MB/s": 1, "MB": 1, "KB": 1, "%": 1, "jobs": 1, "count": 0, "µs": 0}
+COLUMNS = ("direct", "proxy", "proxy-redis", "haproxy", "affinity", "nginx")  # the last two: 7-8
+DECIMALS = {
+    "ms": 3,
+    "s": 2,
+    "MB/s": 1,
+    "MB": 1,
+    "KB": 1,
+    "%": 1,
+    "jobs": 1,
+    "count": 0,
+    "µs": 0,
+    "req/s": 0,
+}
 
 
 class MissingFigure(LookupError):
@@ -91,7 +102,7 @@ def render(report: Report) -> str:
     lines: list[list[str]] = []
     for row in report.rows:
         verdict = "" if row.passed is None else ("pass" if row.passed else "MISS")
-        metric = f"{row.metric} ({row.unit})"
+        metric = f"{row.metric} ({row.unit})" if row.unit else row.metric
         cells = [_number(row.values.get(name), row.unit) for name in columns]
         target = f"{row.goal}  {verdict}".strip()
         lines.append([row.scenario, metric, *cells, _comparison(row), target])

@@ -93,10 +93,10 @@ class Direct(Target):
 
 
 class Proxied(Target):
-    """Through seadragon-proxy."""
+    """Through seadragon-proxy (``proxy-redis``: with the Redis backend)."""
 
-    def __init__(self, child: Child) -> None:
-        self.name, self.url, self.pid = "proxy", child.url, child.pid
+    def __init__(self, child: Child, name: str = "proxy") -> None:
+        self.name, self.url, self.pid = name, child.url, child.pid
         self._channel = child.control()
 
     async def wait_waiting(self, count: int, timeout: float) -> None:

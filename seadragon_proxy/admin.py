@@ -30,7 +30,17 @@ from .httputil import client_ip
 from .rulesfile import KEY_NAME
 from .scheduling import Scheduler, Ticket, servers_view
 from .tenancy import Tenancy
-from .typedefs import FLEET, HISTORY, LIVE, METRICS, PROXY, SCHEDULER, UPSTREAM
+from .typedefs import (
+    FLEET,
+    HISTORY,
+    LIVE,
+    METRICS,
+    PROXY,
+    REDIS_LINK,
+    SCHEDULER,
+    UPSTREAM,
+    WHITELIST_SYNC,
+)
 
 
 def authorize(request: web.Request, *, metrics: bool = False) -> None:
@@ -136,27 +146,39 @@ async def queue_view(request: web.Request) -> web.Response:
 
 
 async def health_view(request: web.Request) -> web.Response:
-    """Asks every server at once; healthy while at least one answers. ``ollama`` is the
-    first that answered (Part 1's field); ``servers`` names each, without its URL."""
+    """200 "healthy" while at least one Ollama server answers (and, with the Redis backend,
+    Redis does); 503 "unhealthy" when none does; 503 "degraded" when only Redis is away:
+    inference is refused then, so a balancer should prefer a replica that reaches Redis,
+    while the metadata routes still answer on this one. Every server is asked at once;
+    ``ollama`` is the first that answered (Part 1's field), ``servers`` names each, without
+    its URL."""
     scheduler = request.app[SCHEDULER]
     fleet = request.app[FLEET]
+    link = request.app[REDIS_LINK]
     timeout = min(2.0, fleet.settings.connect_timeout)
     versions = await asyncio.gather(*(u.probe(timeout=timeout) for u in fleet.servers))
     answered = [v for v in versions if v is not None]
     healthy = bool(answered)
-    return web.json_response(
-        {
-            "status": "healthy" if healthy else "unhealthy",
-            "ollama": {"reachable": healthy, "version": answered[0] if answered else None},
-            "servers": [
-                {"name": u.name, "reachable": v is not None, "version": v}
-                for u, v in zip(fleet.servers, versions, strict=True)
-            ],
-            "queue_length": scheduler.queue_length,
-            "in_flight": scheduler.in_flight,
-        },
-        status=200 if healthy else 503,
-    )
+    doc: dict[str, object] = {
+        "status": "healthy" if healthy else "unhealthy",
+        "ollama": {"reachable": healthy, "version": answered[0] if answered else None},
+        "servers": [
+            {"name": u.name, "reachable": v is not None, "version": v}
+            for u, v in zip(fleet.servers, versions, strict=True)
+        ],
+        "queue_length": scheduler.queue_length,
+        "in_flight": scheduler.in_flight,
+    }
+    if link is not None:
+        doc["replica"] = link.replica
+        redis: dict[str, object] = {"up": link.up, "reason": link.reason}
+        sync = request.app[WHITELIST_SYNC]
+        if sync is not None:  # "pending": a change here waits for Redis to be shared
+            redis["whitelist"] = "pending" if sync.pending else "shared"
+        doc["redis"] = redis
+        if healthy and not link.up:
+            doc["status"] = "degraded"
+    return web.json_response(doc, status=200 if doc["status"] == "healthy" else 503)
 
 
 async def admin_not_found(request: web.Request) -> web.Response:
@@ -212,6 +234,9 @@ async def whitelist_view(request: web.Request) -> web.Response:
     except DatabaseError as e:
         raise Unavailable(str(e)) from e
     await live.reload_whitelist()
+    sync = request.app[WHITELIST_SYNC]
+    if sync is not None:  # every replica hears of it; false: when Redis is back
+        answer["shared"] = await sync.file_changed()
     return web.json_response(answer)
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import structlog
 from aiohttp import web
@@ -39,9 +40,11 @@ from .typedefs import (
     METRICS,
     PROXY,
     RECORDER,
+    REDIS_LINK,
     SCHEDULER,
     START_CHECK,
     UPSTREAM,
+    WHITELIST_SYNC,
 )
 from .upstream import Fleet
 from .watch import watch_files
@@ -100,11 +103,25 @@ def create_app(settings: Settings) -> web.Application:
     app[PROXY] = proxy
     app[METRICS] = metrics
     app[HISTORY] = history
+    app[REDIS_LINK] = None
+    app[WHITELIST_SYNC] = None
+    if q.backend == "redis":
+        # the [redis] extra; settings checked it is there
+        from .replicas.link import RedisLink
+        from .replicas.whitelistsync import WhitelistSync
+
+        link = RedisLink(q.redis, settings.server.replica)
+        app[REDIS_LINK] = link
+        app[WHITELIST_SYNC] = WhitelistSync(link, live.store, live.reload_whitelist)
+        metrics.add_replica(settings.server.replica, q.backend, lambda: link.up)
+    else:
+        metrics.add_replica(settings.server.replica, q.backend)
     app[START_CHECK] = StartCheck(
         [server.url for server in settings.fleet], settings.upstream.connect_timeout
     )
     app.cleanup_ctx.extend(
         [
+            redis_ctx,
             whitelist_ctx,
             history_ctx,
             upstream_ctx,
@@ -167,6 +184,18 @@ def _log_queue_event(event: str, ticket: Ticket) -> None:
         )
 
 
+async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
+    """With ``queue.backend: redis``: the link starts with the app (it connects in the
+    background, so the proxy starts while Redis is away) and closes after everything else."""
+    link = app[REDIS_LINK]
+    if link is None:
+        yield
+        return
+    await link.start()
+    yield
+    await link.close()
+
+
 async def whitelist_ctx(app: web.Application) -> AsyncIterator[None]:
     """Create (and seed) the database if needed and read it before the first request."""
     live = app[LIVE]
@@ -178,6 +207,9 @@ async def whitelist_ctx(app: web.Application) -> AsyncIterator[None]:
     except DatabaseError as e:  # a read-only file from before keys: no keys, the rest works
         log.warning("keys_table_not_created", error=str(e), effect="no API key is accepted")
     await live.reload_whitelist()
+    sync = app[WHITELIST_SYNC]
+    if sync is not None:
+        await sync.start()  # the file as it is now is what this replica agreed to
     yield
 
 
@@ -214,7 +246,15 @@ async def start_check_ctx(app: web.Application) -> AsyncIterator[None]:
 async def watcher_ctx(app: web.Application) -> AsyncIterator[None]:
     """Reload the policy when the YAML file changes and the whitelist when the database does."""
     live = app[LIVE]
-    targets = {live.store.path: live.reload_whitelist}
+    sync = app[WHITELIST_SYNC]
+    targets: dict[Path, Callable[[], Awaitable[object]]] = {live.store.path: live.reload_whitelist}
+    if sync is not None:
+
+        async def whitelist_changed() -> None:
+            await live.reload_whitelist()
+            await sync.file_changed()  # an edit by the CLI, shared with the other replicas
+
+        targets[live.store.path] = whitelist_changed
     if live.config_file is not None:
         targets[live.config_file] = live.reload_config
     task = asyncio.create_task(watch_files(targets), name="file-watcher")

@@ -14,6 +14,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import NoReturn, TextIO
 
 from multidict import CIMultiDict
@@ -57,6 +58,12 @@ def _port(text: str) -> int:
     return int(text)
 
 
+def _workers(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 64:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of workers (1 to 64)")
+    return int(text)
+
+
 def _address(text: str) -> str:
     try:
         parse_address(text)
@@ -94,6 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to listen on (overrides server.host)")
     serve.add_argument("--port", type=_port, help="port to listen on (overrides server.port)")
     serve.add_argument("--upstream", metavar="URL", help="Ollama's URL (overrides upstream.url)")
+    serve.add_argument(
+        "--workers",
+        type=_workers,
+        default=1,
+        metavar="N",
+        help="N processes sharing the port, one replica each (needs queue.backend: redis)",
+    )
+    serve.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # set by --workers
 
     wl = sub.add_parser("whitelist", help="show or change the whitelist")
     wl_sub = wl.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -206,9 +221,31 @@ def _serve(args: argparse.Namespace) -> int:
     settings = load_settings(config_path(args.config)).override(
         host=args.host, port=args.port, upstream=args.upstream
     )
+    if args.workers > 1 and settings.queue.backend != "redis":
+        raise UsageError(
+            f"{PROG} serve: --workers {args.workers} needs queue.backend: redis, because each "
+            "worker is its own process and only Redis lets them share one queue and its slots"
+        )
+    reuse_port = False
+    if args.worker is not None:  # one of --workers N, started by the parent below
+        from .replicas.workers import set_parent_death_signal, worker_name
+
+        set_parent_death_signal()
+        server = replace(settings.server, replica=worker_name(settings.server.replica, args.worker))
+        settings = replace(settings, server=server)
+        reuse_port = True
     configure_logging(settings.log)
     try:
-        return asyncio.run(serve(settings))
+        if args.workers > 1 and args.worker is None:
+            from .replicas.workers import supervise
+
+            argv = ["--config", str(config_path(args.config))]
+            if args.upstream is not None:
+                argv += ["--upstream", args.upstream]
+            return asyncio.run(
+                supervise(args.workers, argv, settings.server.host, settings.server.port)
+            )
+        return asyncio.run(serve(settings, reuse_port=reuse_port, worker=reuse_port))
     except OSError as e:
         raise Failure(
             f"cannot listen on {settings.server.host}:{settings.server.port}: {e.strerror or e}"
@@ -240,6 +277,7 @@ async def _whitelist(args: argparse.Namespace, settings: Settings, out: TextIO) 
             network, new = await store.add(args.entry, args.note)
             verb = "added" if new else "updated the note of"
             print(f"{verb} {network} in {store.path}", file=out)
+            await _share(settings, {network: args.note}, out)
             return 0
         network, found = await store.remove(args.entry)
     except ValueError as e:
@@ -252,6 +290,7 @@ async def _whitelist(args: argparse.Namespace, settings: Settings, out: TextIO) 
     if not found:
         raise Failure(f"{network} is not on the whitelist in {store.path}; nothing removed")
     print(f"removed {network} from {store.path}", file=out)
+    await _share(settings, {network: None}, out)
     if network in LOOPBACK:
         print(f"note: {network} is now refused by sources that require the whitelist", file=out)
     return 0
@@ -303,6 +342,33 @@ async def _keys(args: argparse.Namespace, settings: Settings, out: TextIO) -> in
         raise Failure(f"no API key is named {args.name!r} in {store.path}; nothing removed")
     print(f"removed API key {args.name!r} from {store.path}", file=out)
     return 0
+
+
+async def _share(settings: Settings, changes: dict[str, str | None], out: TextIO) -> None:
+    """With ``queue.backend: redis``, tell every replica at once (replicas/whitelistsync.py).
+    Redis away: the file has the change, and a replica using it shares it when it can."""
+    if settings.queue.backend != "redis":
+        return
+    import redis.asyncio as redis
+    from redis.exceptions import RedisError
+
+    from .replicafile import redacted
+    from .replicas.whitelistsync import publish
+
+    r = settings.queue.redis
+    client = redis.Redis.from_url(r.url, socket_connect_timeout=2, socket_timeout=5)
+    try:
+        await publish(client, r.prefix, f"cli/{settings.server.replica}", changes)
+    except (RedisError, OSError) as e:
+        print(
+            f"note: Redis at {redacted(r.url)} is unreachable ({e}); the other replicas hear "
+            "of this change when a replica using this file reaches Redis again",
+            file=out,
+        )
+    else:
+        print("shared with every replica through Redis", file=out)
+    finally:
+        await client.aclose()
 
 
 async def _check(settings: Settings, out: TextIO) -> int:

@@ -9,7 +9,7 @@ label values by sending made-up names).
 from __future__ import annotations
 
 from collections import Counter as Tally
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -119,6 +119,27 @@ class TenantCollector(Collector):
             tokens.add_metric([name], used)
             waiting.add_metric([name], queued)
         yield from (tokens, waiting)
+
+
+class ReplicaCollector(Collector):
+    """Which replica answers (one constant series, so cardinality stays one) and, with the
+    Redis backend, whether its link to Redis is up."""
+
+    def __init__(self, replica: str, backend: str, redis_up: Callable[[], bool] | None) -> None:
+        self.replica, self.backend, self.redis_up = replica, backend, redis_up
+
+    def collect(self) -> Iterable[Metric]:
+        info = GaugeMetricFamily(
+            "seadragon_replica_info",
+            "Always 1: this process's replica name and queue backend.",
+            labels=["replica", "backend"],
+        )
+        info.add_metric([self.replica, self.backend], 1)
+        yield info
+        if self.redis_up is not None:
+            up = GaugeMetricFamily("seadragon_redis_up", "1 while the link to Redis is up.")
+            up.add_metric([], 1 if self.redis_up() else 0)
+            yield up
 
 
 class Metrics:
@@ -263,6 +284,12 @@ class Metrics:
                 self.queue_hangups.labels(source).inc()
         if record.rejoined:
             self.rejoins.labels(source).inc()
+
+    def add_replica(
+        self, replica: str, backend: str, redis_up: Callable[[], bool] | None = None
+    ) -> None:
+        """``seadragon_replica_info`` (and ``seadragon_redis_up`` with the Redis backend)."""
+        self.registry.register(ReplicaCollector(replica, backend, redis_up))
 
     def reloaded(self, what: str, ok: bool) -> None:
         """A Live listener."""

@@ -54,8 +54,9 @@ class RunningServer:
         await self.runner.cleanup()
 
 
-async def start_server(settings: Settings) -> RunningServer:
-    """Start listening; raises ``DatabaseError``/``OSError`` if that is impossible."""
+async def start_server(settings: Settings, *, reuse_port: bool = False) -> RunningServer:
+    """Start listening; raises ``DatabaseError``/``OSError`` if that is impossible.
+    ``reuse_port``: share the port with other processes (``serve --workers``)."""
     app = create_app(settings)
     runner = web.AppRunner(
         app,
@@ -71,7 +72,9 @@ async def start_server(settings: Settings) -> RunningServer:
     await runner.setup()
     # A deep accept queue: a burst of clients (thousands queueing at once) is not dropped
     # at the door. The kernel caps it at net.core.somaxconn.
-    site = web.TCPSite(runner, settings.server.host, settings.server.port, backlog=4096)
+    site = web.TCPSite(
+        runner, settings.server.host, settings.server.port, backlog=4096, reuse_port=reuse_port
+    )
     try:
         await site.start()
     except BaseException:
@@ -91,10 +94,11 @@ def raise_open_file_limit() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-async def serve(settings: Settings) -> int:
-    """Run until SIGTERM or SIGINT; returns the exit status."""
+async def serve(settings: Settings, *, reuse_port: bool = False, worker: bool = False) -> int:
+    """Run until SIGTERM or SIGINT; returns the exit status. ``worker``: one of ``serve
+    --workers``, which gets more than one SIGTERM (see below)."""
     open_files = raise_open_file_limit()
-    server = await start_server(settings)
+    server = await start_server(settings, reuse_port=reuse_port)
     live = server.app[LIVE]
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -113,6 +117,7 @@ async def serve(settings: Settings) -> int:
     log.info(
         "listening",
         url=server.url,
+        replica=settings.server.replica,
         upstream=str(settings.upstream.url) if not settings.upstreams else None,
         slots=settings.upstream.slots if not settings.upstreams else None,
         upstreams={e.name: str(e.url) for e in settings.upstreams} or None,
@@ -122,9 +127,17 @@ async def serve(settings: Settings) -> int:
     )
     try:
         await stop.wait()
+        loop.remove_signal_handler(signal.SIGHUP)
+        # The handlers for SIGTERM and SIGINT stay while stopping: a second one (systemd
+        # signals every process of the unit, and `serve --workers` passes it on as well;
+        # Ctrl-C reaches the whole process group) must not kill the graceful stop.
+        await server.stop()
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
-        await server.stop()
+        if worker:
+            # A worker can be sent SIGTERM several times (the parent-death signal, the
+            # parent, systemd): once stopped, the rest must not kill it before it exits.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
     log.info("stopped")
     return 0

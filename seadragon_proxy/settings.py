@@ -22,6 +22,7 @@ from .defaults import RequestDefaults
 from .exceptions import ConfigError
 from .netaddr import NetworkSet
 from .policy import Glob, Policy
+from .replicafile import Backend, RedisSettings, parse_backend, parse_replica
 from .rulesfile import parse_defaults, parse_policy
 from .scheduling import Affinity
 
@@ -63,6 +64,7 @@ class Secret:
 class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 11435
+    replica: str = "proxy"  # this process's name among replicas; default the host name
     trusted_proxies: NetworkSet = field(default_factory=NetworkSet)
     max_body: int = 64 * MiB  # bytes, JSON routes only; blobs stream unbounded
     header_timeout: float = 30.0  # seconds to send request headers (also keep-alive idle)
@@ -111,6 +113,8 @@ class QueueSettings:
     affinity: Affinity = field(default_factory=Affinity)  # max_defer 0 = off
     output_weight: float = 2.0  # queue.fairness.output_weight: an output token's cost in input
     retry_window: float = 10.0  # seconds a hung-up request's place is kept for its retry
+    backend: Backend = "memory"  # redis: replicas share one queue (replicafile.py)
+    redis: RedisSettings = field(default_factory=RedisSettings)
 
 
 @dataclass(frozen=True, slots=True)
@@ -342,6 +346,7 @@ def _server(s: Section) -> ServerSettings:
             Glob.compile(h.lower().rstrip("."))
             for h in s.strings("allowed_hosts", allow_empty=True)
         ),
+        replica=parse_replica(s),
     )
     if result.max_body_memory < result.max_body:
         s.fail("max_body_memory", f"must be at least server.max_body ({result.max_body} bytes)")
@@ -409,6 +414,8 @@ def _queue(s: Section) -> QueueSettings:
         output_weight=_output_weight(s.section("fairness"), d.output_weight),
         retry_window=s.seconds("retry_window", d.retry_window),
     )
+    backend, redis = parse_backend(s)
+    result = replace(result, backend=backend, redis=redis)
     s.done()
     return result
 

@@ -45,12 +45,14 @@ async def connect_problem(url: URL, timeout: float) -> str | None:
         return f"cannot connect: {e.strerror or e}"
     # Nothing to say: end our side and let the server close its own, so it is not left
     # holding a connection it accepted while the check went away (bounded by ``timeout``).
-    with contextlib.suppress(TimeoutError, OSError):
-        async with asyncio.timeout(timeout):
-            writer.write_eof()
-            while await reader.read(4096):
-                pass
-    writer.close()
+    try:
+        with contextlib.suppress(TimeoutError, OSError):
+            async with asyncio.timeout(timeout):
+                writer.write_eof()
+                while await reader.read(4096):
+                    pass
+    finally:  # also when the app stops while the check is still running (cancelled)
+        writer.close()
     with contextlib.suppress(OSError):
         await writer.wait_closed()
     return None

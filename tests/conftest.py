@@ -28,6 +28,8 @@ from seadragon_proxy.server import RunningServer, start_server
 from seadragon_proxy.settings import LogSettings, load_settings
 from seadragon_proxy.typedefs import LIVE, RECORDER, SCHEDULER, START_CHECK
 
+pytest_plugins = ["tests.redisserver", "tests.replicas"]  # redis_server, replicas
+
 MODEL = "llama3:70b"
 
 # Sources keyed on a header the tests set; loopback is whitelisted by the seed.

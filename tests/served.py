@@ -71,6 +71,15 @@ async def spawn_serve(config: Path) -> asyncio.subprocess.Process:
     )  # fmt: skip
 
 
+async def spawn_workers(config: Path, count: int) -> asyncio.subprocess.Process:
+    """``serve --workers COUNT``: the parent's log and its workers' on one pipe."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "seadragon_proxy", "serve", "--config", str(config),
+        "--workers", str(count),
+        stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+
+
 async def start_served(
     tmp_path: Path, fake: FakeOllama, override: dict[str, Any] | None = None
 ) -> Served:

@@ -62,6 +62,29 @@ async def test_sigterm_refuses_the_queue_finishes_the_stream_and_exits_0(
     assert [s.prompt for s in fake.inference] == ["gate-mid:finish"]
 
 
+async def test_a_second_sigterm_while_stopping_changes_nothing(
+    serve: Any, fake: FakeOllama
+) -> None:
+    """systemd signals every process of the unit and ``serve --workers`` passes the signal
+    on too: a worker gets two. The stream still finishes; the exit is still 0."""
+    served: Served = await serve()
+    gate = fake.gate("twice")
+    async with aiohttp.ClientSession() as session:
+        running = await session.post(
+            served.url + "/api/generate", json={"model": MODEL, "prompt": "gate-mid:twice"}
+        )
+        await running.content.readline()
+        served.process.send_signal(signal.SIGTERM)
+        await served.wait_for("shutting_down")
+        served.process.send_signal(signal.SIGTERM)
+        served.process.send_signal(signal.SIGINT)
+        gate.set()
+        rest = [json.loads(line) for line in (await running.read()).splitlines()]
+        assert rest[-1]["done"] is True
+    assert await served.process.wait() == 0
+    assert served.events("stopped")
+
+
 async def test_stream_cut_at_the_end_of_the_grace_period_gets_an_error_line(
     serve: Any, fake: FakeOllama
 ) -> None:

@@ -1,7 +1,7 @@
 """The scenarios; each is ``async def run(bench) -> list[Row]`` and measures every target
 in turn (or interleaved, where drift on a noisy machine would bias the comparison).
 7-9 are the fleet's: they start fakes with residency (and nginx, a fleet proxy) of their own;
-10 is fair shares."""
+10 is fair shares; 11-12 are the replicas' (workers, waiters on two replicas)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,19 @@ from collections.abc import Awaitable, Callable
 
 from ..context import Bench
 from ..report import Row
-from . import dispatch, fairness, fleet, handoff, latency, priority, scale, swaps, throughput
+from . import (
+    dispatch,
+    fairness,
+    fleet,
+    handoff,
+    latency,
+    priority,
+    scale,
+    spread,
+    swaps,
+    throughput,
+    workers,
+)
 
 Scenario = Callable[[Bench], Awaitable[list[Row]]]
 
@@ -25,4 +37,6 @@ SCENARIOS: dict[str, tuple[str, Scenario, float]] = {
     "8": ("fleet against round robin", fleet.run, 90),
     "9": ("fleet dispatch cost", dispatch.run, 150),
     "10": ("fair shares", fairness.run, 120),
+    "11": ("workers", workers.run, 90),
+    "12": ("waiters on two replicas", spread.run, 150),
 }
