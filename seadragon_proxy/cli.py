@@ -252,6 +252,21 @@ def _serve(args: argparse.Namespace) -> int:
         ) from e
 
 
+def _print_list(
+    rows: list[dict[str, str]], first: str, empty: str, as_json: bool, out: TextIO
+) -> None:
+    """``whitelist list`` and ``keys list``: JSON, or one aligned line per row."""
+    if as_json:
+        json.dump(rows, out, indent=2)
+        out.write("\n")
+    elif not rows:
+        print(empty, file=out)
+    else:
+        width = max(len(r[first]) for r in rows)
+        for r in rows:
+            print(f"{r[first]:<{width}}  {r['added_at']}  {r['note']}".rstrip(), file=out)
+
+
 async def _whitelist(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
     store = WhitelistStore(settings.whitelist.database)
     if args.action != "add" and not store.path.exists():
@@ -260,17 +275,11 @@ async def _whitelist(args: argparse.Namespace, settings: Settings, out: TextIO) 
             "on it) when the proxy starts or by 'seadragon-proxy whitelist add'"
         )
     if args.action == "list":
-        entries = await store.entries()
-        if args.json:
-            rows = [{"network": e.network, "note": e.note, "added_at": e.added_at} for e in entries]
-            json.dump(rows, out, indent=2)
-            out.write("\n")
-        elif not entries:
-            print(f"the whitelist in {store.path} is empty", file=out)
-        else:
-            width = max(len(e.network) for e in entries)
-            for e in entries:
-                print(f"{e.network:<{width}}  {e.added_at}  {e.note}".rstrip(), file=out)
+        rows = [
+            {"network": e.network, "note": e.note, "added_at": e.added_at}
+            for e in await store.entries()
+        ]
+        _print_list(rows, "network", f"the whitelist in {store.path} is empty", args.json, out)
         return 0
     try:
         if args.action == "add":
@@ -304,17 +313,10 @@ async def _keys(args: argparse.Namespace, settings: Settings, out: TextIO) -> in
             "or by 'seadragon-proxy keys add NAME'"
         )
     if args.action == "list":
-        entries = await store.entries()
-        if args.json:
-            rows = [{"name": e.name, "note": e.note, "added_at": e.added_at} for e in entries]
-            json.dump(rows, out, indent=2)
-            out.write("\n")
-        elif not entries:
-            print(f"no API keys in {store.path}", file=out)
-        else:
-            width = max(len(e.name) for e in entries)
-            for e in entries:
-                print(f"{e.name:<{width}}  {e.added_at}  {e.note}".rstrip(), file=out)
+        rows = [
+            {"name": e.name, "note": e.note, "added_at": e.added_at} for e in await store.entries()
+        ]
+        _print_list(rows, "name", f"no API keys in {store.path}", args.json, out)
         return 0
     if args.action == "add":
         try:
