@@ -18,7 +18,7 @@ from .exceptions import BadRequest, DatabaseError, Forbidden, NotFound, Unavaila
 from .history import History, parse_since, summarize, timeseries
 from .httputil import client_ip
 from .scheduling import Scheduler, Ticket
-from .typedefs import HISTORY, LIVE, METRICS, SCHEDULER, UPSTREAM
+from .typedefs import HISTORY, LIVE, METRICS, REPLICA, SCHEDULER, UPSTREAM
 
 
 def authorize(request: web.Request, *, metrics: bool = False) -> None:
@@ -54,6 +54,8 @@ def ticket_view(
 
 async def queue_view(request: web.Request) -> web.Response:
     authorize(request)
+    if request.app[REPLICA] is not None:
+        return await _shared_queue_view(request)
     scheduler = request.app[SCHEDULER]
     upstream = request.app[UPSTREAM]
     now = scheduler.now()
@@ -69,6 +71,47 @@ async def queue_view(request: web.Request) -> web.Response:
             "slots": scheduler.slots,
             "processing": processing,
             "entries": [ticket_view(t, scheduler, now) for t in scheduler.queued()],
+            "upstream": {"url": str(upstream.url), "health": upstream.health.value},
+        }
+    )
+
+
+async def _shared_queue_view(request: web.Request) -> web.Response:
+    """``queue.backend: redis``: every replica's waiters and running requests, read from
+    their ticket records in Redis, each with its replica name."""
+    from .replicas.replica import record_view, wall_now
+
+    replica = request.app[REPLICA]
+    assert replica is not None
+    settings = request.app[LIVE].settings
+    upstream = request.app[UPSTREAM]
+    records = await replica.records()
+    now = wall_now()
+    aging = settings.queue.aging
+
+    def effective(priority: int, queued_at: float) -> float:
+        return priority - (now - queued_at) / aging if aging else float(priority)
+
+    waiting = sorted(
+        (r for r in records if r.state == "queued"),
+        key=lambda r: (effective(r.priority, r.queued_at), r.seq),
+    )
+    entries = []
+    for record in waiting:
+        view = record_view(record, now)
+        if aging:
+            view["effective_priority"] = round(effective(record.priority, record.queued_at), 3)
+        entries.append(view)
+    processing = [record_view(r, now) for r in records if r.state == "running"]
+    return web.json_response(
+        {
+            "queue_length": len(entries),
+            "in_flight": len(processing),
+            "slots": settings.upstream.slots,
+            "replica": replica.link.replica,
+            "dispatcher": replica.dispatcher.leading,
+            "processing": processing,
+            "entries": entries,
             "upstream": {"url": str(upstream.url), "health": upstream.health.value},
         }
     )

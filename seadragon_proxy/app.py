@@ -28,7 +28,17 @@ from .proxy import Proxy
 from .record import Recorder
 from .scheduling import Scheduler, Ticket
 from .settings import Settings
-from .typedefs import HISTORY, LIVE, METRICS, PROXY, RECORDER, REDIS_LINK, SCHEDULER, UPSTREAM
+from .typedefs import (
+    HISTORY,
+    LIVE,
+    METRICS,
+    PROXY,
+    RECORDER,
+    REDIS_LINK,
+    REPLICA,
+    SCHEDULER,
+    UPSTREAM,
+)
 from .upstream import Upstream
 from .watch import watch_files
 from .whitelist import WhitelistStore
@@ -74,10 +84,15 @@ def create_app(settings: Settings) -> web.Application:
     app[METRICS] = metrics
     app[HISTORY] = history
     app[REDIS_LINK] = None
+    app[REPLICA] = None
     if q.backend == "redis":
-        from .replicas.link import RedisLink  # the [redis] extra; settings checked it is there
+        # The [redis] extra; settings checked it is there.
+        from .replicas.link import RedisLink
+        from .replicas.replica import Replica
 
-        app[REDIS_LINK] = RedisLink(q.redis, settings.server.replica)
+        link = app[REDIS_LINK] = RedisLink(q.redis, settings.server.replica)
+        replica = app[REPLICA] = Replica(link, scheduler, live)
+        proxy.queue = replica.queue  # requests wait in the shared queue; same code path
     app.cleanup_ctx.extend(
         [
             redis_ctx,
@@ -87,6 +102,7 @@ def create_app(settings: Settings) -> web.Application:
             watcher_ctx,
             scheduler_ctx,
             parser_ctx,
+            replica_ctx,
         ]
     )
     app.on_response_prepare.append(answer_headers)
@@ -130,6 +146,19 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
     await link.start()
     yield
     await link.close()
+
+
+async def replica_ctx(app: web.Application) -> AsyncIterator[None]:
+    """With ``queue.backend: redis``: heartbeats and the dispatcher election start once
+    everything else is up, and stop first (resigning the lease, so another replica takes
+    over at once) while the link is still there to say so."""
+    replica = app[REPLICA]
+    if replica is None:
+        yield
+        return
+    await replica.start()
+    yield
+    await replica.stop()
 
 
 async def whitelist_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -37,7 +37,8 @@ from .payload import JsonBody
 from .policy import RequestFacts, Source
 from .record import Recorder, RequestRecord
 from .routes import Route, classify
-from .scheduling import Scheduler, Slot, Ticket
+from .scheduling import Scheduler, Ticket
+from .scheduling.queue import Held, Queue
 from .settings import Settings
 from .upstream import Health, Upstream, looped, request_headers, response_headers
 from .usage import UsageTail
@@ -70,10 +71,16 @@ class Proxy:
     """Holds what the handler needs; ``handle`` is the aiohttp handler."""
 
     def __init__(
-        self, live: Live, scheduler: Scheduler, upstream: Upstream, recorder: Recorder
+        self,
+        live: Live,
+        scheduler: Scheduler,
+        upstream: Upstream,
+        recorder: Recorder,
+        queue: Queue | None = None,
     ) -> None:
         self.live = live
-        self.scheduler = scheduler
+        self.scheduler = scheduler  # the clock, and the queue with backend memory
+        self.queue: Queue = scheduler if queue is None else queue  # where requests wait
         self.upstream = upstream
         self.recorder = recorder
         self.active: set[asyncio.Task[object]] = set()
@@ -190,7 +197,7 @@ class Proxy:
         retried = False
         while True:
             try:
-                slot = await self.scheduler.acquire(ticket)
+                slot = await self.queue.acquire(ticket)
             finally:  # served, refused, timed out or gone: the wait so far is real either way
                 if ticket.enqueued_at:
                     record.queue_wait = self.scheduler.now() - ticket.enqueued_at
@@ -240,7 +247,7 @@ class Proxy:
         self,
         request: web.Request,
         upstream: aiohttp.ClientResponse,
-        slot: Slot | None,
+        slot: Held | None,
         record: RequestRecord,
         started: float,
     ) -> web.StreamResponse:

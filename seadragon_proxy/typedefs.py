@@ -16,6 +16,7 @@ from .upstream import Upstream
 
 if TYPE_CHECKING:  # redis is an optional extra: imported only with queue.backend: redis
     from .replicas.link import RedisLink
+    from .replicas.replica import Replica
 
 LIVE = web.AppKey("live", Live)
 SCHEDULER = web.AppKey("scheduler", Scheduler)
@@ -25,3 +26,4 @@ PROXY = web.AppKey("proxy", Proxy)
 METRICS = web.AppKey("metrics", Metrics)
 HISTORY: web.AppKey[History | None] = web.AppKey("history")
 REDIS_LINK: web.AppKey[RedisLink | None] = web.AppKey("redis_link")
+REPLICA: web.AppKey[Replica | None] = web.AppKey("replica")
