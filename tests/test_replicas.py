@@ -41,9 +41,9 @@ def replica_config(
             "queue": {"backend": "redis", "redis": {"url": redis.url, "lease": LEASE}},
             "server": {"replica": name},
             "whitelist": {"database": str(home / "seadragon.db")},
-            **extra,
         },
     )
+    config = merge(config, extra)
     path = home / "seadragon.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -166,6 +166,44 @@ async def test_waiter_hanging_up_at_one_replica_passes_the_turn_on(
     gate.set()
     assert (await blocker)[0] == 200 and (await after)[0] == 200
     assert [s.prompt for s in fake.inference] == ["gate:block", "after"]
+
+
+async def test_the_queue_limit_counts_every_replicas_waiters(
+    make_replica: ReplicaFactory, fake: FakeOllama
+) -> None:
+    extra = {"queue": {"max_size": 1}}
+    one = await make_replica("proxy-1", extra)
+    two = await make_replica("proxy-2", extra)
+    boss = await leader(one, two)
+    gate = fake.gate("block")
+    blocker = gen(one, "gate:block", "scripts")
+    await fake.wait_for(1)
+    waiting = gen(one, "waiting", "scripts")
+    await boss.watch.queued(1)
+    status, doc = await two.generate("one too many", "coding")
+    assert status == 503
+    assert doc["error"] == "server busy, please try again.  maximum pending requests exceeded"
+    gate.set()
+    assert (await blocker)[0] == 200 and (await waiting)[0] == 200
+
+
+async def test_max_wait_is_timed_by_the_waiters_replica_and_it_leaves_the_shared_line(
+    make_replica: ReplicaFactory, fake: FakeOllama
+) -> None:
+    one = await make_replica("proxy-1")
+    two = await make_replica("proxy-2", {"queue": {"max_wait": 0.2}})
+    boss = await leader(one, two)
+    gate = fake.gate("block")
+    blocker = gen(one, "gate:block", "scripts")
+    await fake.wait_for(1)
+    impatient = gen(two, "impatient", "coding")
+    await boss.watch.queued(1)
+    status, doc = await impatient
+    assert status == 503 and "queue.max_wait (0.2 s)" in doc["error"]
+    await boss.watch.queued(0)  # dropped: the dispatcher no longer holds it
+    gate.set()
+    assert (await blocker)[0] == 200
+    assert [s.prompt for s in fake.inference] == ["gate:block"]
 
 
 async def link_state(link: Any, *, up: bool, timeout: float = 10) -> None:

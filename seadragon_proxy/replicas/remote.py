@@ -53,6 +53,19 @@ from .messages import (
 
 log = structlog.get_logger("seadragon.replicas")
 
+# KEYS: seq, tickets, the ticket's hash, the dispatch channel. ARGV: the announce (seq 0),
+# the ticket id, the hash's field/value pairs. Returns the seq.
+ANNOUNCE = """
+local seq = redis.call('incr', KEYS[1])
+local doc = cjson.decode(ARGV[1])
+doc['ticket']['seq'] = seq
+redis.call('hset', KEYS[3], unpack(ARGV, 3))
+redis.call('hset', KEYS[3], 'seq', seq)
+redis.call('sadd', KEYS[2], ARGV[2])
+redis.call('publish', KEYS[4], cjson.encode(doc))
+return seq
+"""
+
 
 class Names:
     """Every key and channel of the shared queue, under the link's prefix."""
@@ -150,7 +163,6 @@ class RemoteQueue:
         first = ticket.state is State.NEW
         try:
             if first:
-                ticket.seq = int(await client.incr(self.names.seq))
                 ticket.enqueued_at = loop.time()
                 limit = self._max_wait() if ticket.max_wait is None else ticket.max_wait
                 ticket.wait_limit = limit
@@ -178,11 +190,30 @@ class RemoteQueue:
             self._waiting[record.id] = pending
             if ticket.deadline != float("inf"):
                 pending.timer = loop.call_at(ticket.deadline, self._expire, record.id)
-            async with client.pipeline(transaction=True) as pipe:
-                pipe.hset(self.names.ticket(record.id), mapping=_hash(record))
-                pipe.sadd(self.names.tickets, record.id)
-                pipe.publish(self.names.dispatch, encode(Announce(record)))
-                await pipe.execute()
+            if first:
+                # seq is taken and the ticket announced in one script: the dispatcher hears
+                # tickets in seq order, so its line is built by appends, never re-sorted.
+                fields = [x for kv in _hash(record).items() for x in kv]
+                ticket.seq = int(
+                    await client.eval(
+                        ANNOUNCE,
+                        4,
+                        self.names.seq,
+                        self.names.tickets,
+                        self.names.ticket(record.id),
+                        self.names.dispatch,
+                        encode(Announce(record)),
+                        record.id,
+                        *fields,
+                    )
+                )
+                pending.record = replace(pending.record, seq=ticket.seq)
+            else:
+                async with client.pipeline(transaction=True) as pipe:
+                    pipe.hset(self.names.ticket(record.id), mapping=_hash(record))
+                    pipe.sadd(self.names.tickets, record.id)
+                    pipe.publish(self.names.dispatch, encode(Announce(record)))
+                    await pipe.execute()
         except RedisError:
             ticket.state = State.DONE
             self._forget(ticket)
@@ -261,7 +292,7 @@ class RemoteQueue:
         assert pending.future is not None
         if not pending.future.done():
             pending.future.set_result(None)
-        self._spawn(self._store(pending.record))
+        self._spawn(self._store(pending.record))  # for the views
         self._emit("started", ticket)
 
     def _emit(self, event: str, ticket: Ticket) -> None:
@@ -269,8 +300,10 @@ class RemoteQueue:
             listener(event, ticket)
 
     async def _store(self, record: TicketRecord) -> None:
+        """Only the fields that change: the grant may come before the seq is known here."""
+        change = {"state": record.state, "started_at": str(record.started_at)}
         with contextlib.suppress(RedisError, OSError):
-            await self.link.client.hset(self.names.ticket(record.id), mapping=_hash(record))
+            await self.link.client.hset(self.names.ticket(record.id), mapping=_fields(change))
 
     def _on_control(self, data: bytes) -> Coroutine[Any, Any, None] | None:
         message = decode(data)
@@ -357,6 +390,10 @@ class RemoteQueue:
 
 def _running(record: TicketRecord) -> TicketRecord:
     return replace(record, state="running", started_at=time.time())
+
+
+def _fields(change: dict[str, str]) -> Any:
+    return change
 
 
 def _hash(record: TicketRecord) -> Any:  # redis-py's Mapping type is invariant in its keys
