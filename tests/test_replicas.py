@@ -332,7 +332,7 @@ async def test_kill_9_of_the_dispatcher_another_takes_over_and_the_order_holds(
         loop = asyncio.get_running_loop()
         killed = loop.time()
         boss = await leader(one, timeout=LEASE + 5)
-        assert dispatcher_of(one).terms[-1] - killed < LEASE + 0.5  # took the lease in time
+        assert dispatcher_of(one).terms[-1] - killed < LEASE + 1  # took the lease in time
         await boss.watch.queued(2)  # re-announced: both waiters, the running one as running
         assert boss.scheduler.in_flight == 1
         gate.set()

@@ -109,7 +109,7 @@ class Dispatcher:
         previous: str | None = None
         while True:
             if not self.link.up:
-                await self.link.wait_up(self.lease)
+                await self.link.wait_up(3600)  # woken by the link coming back
                 continue
             self._wake.clear()
             try:

@@ -133,6 +133,7 @@ class RemoteQueue:
         self._ids = itertools.count(1)
         self._stem = f"{self.replica}-{os.getpid():x}-{time.time_ns() & 0xFFFFFFFF:x}"
         self._tasks: set[asyncio.Task[None]] = set()
+        self._outbox: dict[str, Finished | Dropped] = {}  # not delivered while Redis was away
         self._closed: Callable[[], RequestError] | None = None
         self._heartbeat: asyncio.Task[None] | None = None
         # Told "queued", "started" and "left" with the ticket (for logs, views and tests).
@@ -254,14 +255,17 @@ class RemoteQueue:
 
     async def _leave(self, message: Finished | Dropped, rid: str) -> None:
         """Tell the dispatcher and take the record out of the views. A lost message is
-        made good by the heartbeat's expiry or the next sync (the ticket is no longer
-        re-announced)."""
-        with contextlib.suppress(RedisError, OSError):
+        sent again when the link is back."""
+        try:
             async with self.link.client.pipeline(transaction=True) as pipe:
                 pipe.publish(self.names.dispatch, encode(message))
                 pipe.delete(self.names.ticket(rid))
                 pipe.srem(self.names.tickets, rid)
                 await pipe.execute()
+        except (RedisError, OSError):
+            # Kept until the link is back: a dispatcher that never saw the outage would
+            # otherwise hold this slot for ever (the heartbeats say the replica is alive).
+            self._outbox[rid] = message
 
     # -- messages ---------------------------------------------------------------------
 
@@ -334,6 +338,9 @@ class RemoteQueue:
     async def _on_link(self, up: bool) -> None:
         if up:
             await self._beat()
+            outbox, self._outbox = self._outbox, {}
+            for rid, message in outbox.items():
+                await self._leave(message, rid)
             await self._reannounce(synced=False)
             return
         for pending in list(self._waiting.values()):  # no dispatcher can reach them now

@@ -62,8 +62,11 @@ class Replica:
                 dead = {n for n, up in flags.items() if not up}
                 stale += [r.id for r in records if r.replica in dead]
                 records = [r for r in records if r.replica not in dead]
-            if stale:
-                await client.srem(self.names.tickets, *stale)
+            if stale:  # a replica died while no dispatcher was there to clear its records
+                async with client.pipeline(transaction=False) as pipe:
+                    pipe.srem(self.names.tickets, *stale)
+                    pipe.delete(*[self.names.ticket(rid) for rid in stale])
+                    await pipe.execute()
         except (RedisError, OSError):
             raise RedisUnavailable(self.link.reason or "Redis is unreachable") from None
         return sorted(records, key=lambda r: r.seq)
