@@ -233,6 +233,8 @@ async def test_redis_outage_503_names_redis_streams_finish_metadata_works_then_r
     assert "Redis at redis://127.0.0.1" in doc["error"] and "unreachable" in doc["error"]
     async with one.session.get(one.url + "/api/tags") as r:
         assert r.status == 200  # metadata never touches the queue
+    async with one.session.get(one.url + "/api/admin/queue") as r:
+        assert r.status == 503 and "Redis at" in (await r.json())["error"]
     gate.set()
     status, lines = await running
     assert status == 200 and lines[-1]["done"] is True  # the running stream went on
@@ -264,8 +266,15 @@ async def test_a_waiter_at_a_replica_that_loses_redis_gets_503(
 # -- kill -9 ---------------------------------------------------------------------------------
 
 
-async def spawn_replica(tmp_path: Path, fake: FakeOllama, redis: RedisServer, name: str) -> Served:
-    path = replica_config(tmp_path, fake, redis, name, {"log": {"format": "json"}})
+async def spawn_replica(
+    tmp_path: Path,
+    fake: FakeOllama,
+    redis: RedisServer,
+    name: str,
+    extra: dict[str, Any] | None = None,
+) -> Served:
+    extra = merge({"log": {"format": "json"}}, extra or {})
+    path = replica_config(tmp_path, fake, redis, name, extra)
     served = Served(await spawn_serve(path), path)
     served.url = (await served.wait_for("listening"))["url"]
     return served
@@ -340,6 +349,28 @@ async def test_kill_9_of_the_dispatcher_another_takes_over_and_the_order_holds(
         assert [status for status, _ in results] == [200, 200, 200]
         assert [s.prompt for s in fake.inference] == ["gate:block", "high", "low"]
         assert fake.max_in_flight == 1
+    finally:
+        await first.stop()
+
+
+async def test_a_dispatcher_stopping_resigns_and_another_takes_over_at_once(
+    make_replica: ReplicaFactory, fake: FakeOllama, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    long_lease = {"queue": {"redis": {"lease": 30}}}
+    first = await spawn_replica(tmp_path, fake, redis_server, "proxy-0", long_lease)
+    try:
+        await first.wait_for("dispatcher_synced")
+        one = await make_replica("proxy-1", long_lease)
+        waiting = Changes(one)
+        assert not dispatcher_of(one).leading
+        loop = asyncio.get_running_loop()
+        stopped = loop.time()
+        first.process.send_signal(signal.SIGTERM)
+        await waiting.until(lambda: dispatcher_of(one).dispatching, timeout=10)
+        assert loop.time() - stopped < 10  # not the 30 s lease: it resigned
+        assert await first.process.wait() == 0  # a clean exit, the lease handed on
+        status, lines = await one.generate("after", "coding")
+        assert status == 200 and lines[-1]["done"] is True
     finally:
         await first.stop()
 

@@ -187,12 +187,13 @@ class Dispatcher:
     async def stop(self) -> None:
         """Resign (shutdown): the lease is deleted and the others told, so one takes over
         at once instead of at the lease's expiry."""
+        leading = self.leading  # cancelling the election steps down (its lead ends)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        if self.leading:
+        if leading:
             self._step_down()
             with contextlib.suppress(RedisError, OSError):
                 await self.link.client.eval(RESIGN, 1, self.names.dispatcher, self.replica)

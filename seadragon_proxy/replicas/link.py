@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 
 import redis.asyncio as redis
 import structlog
+from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -50,6 +51,7 @@ class RedisLink:
         self._reason: str | None = "not connected yet"
         self._task: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
+        self._pubsub: PubSub | None = None
 
     def __repr__(self) -> str:
         state = "up" if self._up else f"down ({self._reason})"
@@ -93,17 +95,27 @@ class RedisLink:
         self._task = asyncio.create_task(self._run(), name="redis-link")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            while not task.done():
+                done, _ = await asyncio.wait({task}, timeout=1)
+                if not done:
+                    # redis-py's reader can swallow a cancellation that races with a
+                    # message arriving: cut its connection and cancel again.
+                    pubsub = self._pubsub
+                    if pubsub is not None and pubsub.connection is not None:
+                        with contextlib.suppress(Exception):
+                            await pubsub.connection.disconnect()
+                    task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+                await task
         await self.client.aclose()
 
     async def _run(self) -> None:
         delay = 0.05
         while True:
-            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            pubsub = self._pubsub = self.client.pubsub(ignore_subscribe_messages=True)
             try:
                 if self._handlers:
                     await pubsub.subscribe(*self._handlers)
