@@ -12,6 +12,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import redis.asyncio as aioredis
 import yaml
 
 from seadragon_proxy.fake_ollama import FakeOllama
@@ -244,6 +245,45 @@ async def test_redis_outage_503_names_redis_streams_finish_metadata_works_then_r
     await leader(one)
     status, lines = await one.generate("after", "coding")
     assert status == 200 and lines[-1]["done"] is True
+
+
+async def test_a_stream_that_ends_while_its_replica_is_cut_off_frees_the_slot_on_return(
+    make_replica: ReplicaFactory, fake: FakeOllama, redis_server: RedisServer
+) -> None:
+    """Only replica 2 loses Redis (its ACL user is switched off): the dispatcher never sees
+    an outage, so only replica 2 saying "finished" on its return can free the slot."""
+    admin = aioredis.Redis.from_url(redis_server.url)
+    try:
+        await admin.execute_command("ACL", "SETUSER", "p2", "on", ">pw", "~*", "&*", "+@all")
+        lease = {"queue": {"redis": {"lease": 30}}}  # no heartbeat expiry to help
+        one = await make_replica("proxy-1", lease)
+        boss = await leader(one)
+        cut_url = redis_server.url.replace("redis://", "redis://p2:pw@")
+        two = await make_replica("proxy-2", {"queue": {"redis": {"lease": 30, "url": cut_url}}})
+        replica = two.server.app[REPLICA]
+        assert replica is not None
+        gate = fake.gate("stream")
+        running = gen(two, "gate:stream", "scripts")
+        await fake.wait_for(1)
+        await boss.watch.until(lambda: boss.scheduler.in_flight == 1)
+        waiter = gen(one, "waiter", "coding")
+        await boss.watch.queued(1)
+
+        await admin.execute_command("ACL", "SETUSER", "p2", "off")
+        await admin.execute_command("CLIENT", "KILL", "USER", "p2")
+        await link_state(replica.link, up=False)
+        gate.set()
+        assert (await running)[0] == 200  # ended while replica 2 could not say so
+        await asyncio.gather(*replica.queue._tasks)  # its "finished" tried and failed
+        assert len(replica.queue._outbox) == 1
+        assert boss.scheduler.in_flight == 1 and not waiter.done()
+
+        await admin.execute_command("ACL", "SETUSER", "p2", "on")
+        status, lines = await waiter  # replica 2 is back and says "finished"
+        assert status == 200 and lines[-1]["done"] is True
+        assert [s.prompt for s in fake.inference] == ["gate:stream", "waiter"]
+    finally:
+        await admin.aclose()
 
 
 async def test_a_waiter_at_a_replica_that_loses_redis_gets_503(
