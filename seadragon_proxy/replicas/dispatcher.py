@@ -28,7 +28,7 @@ from redis.exceptions import RedisError
 
 from ..exceptions import RequestError, ShuttingDown
 from ..scheduling import Scheduler, Slot, State, Ticket
-from .link import RedisLink
+from .link import RedisLink, cancel_and_wait
 from .messages import (
     Announce,
     Dropped,
@@ -189,9 +189,7 @@ class Dispatcher:
         at once instead of at the lease's expiry."""
         leading = self.leading  # cancelling the election steps down (its lead ends)
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
             self._task = None
         if leading:
             self._step_down()

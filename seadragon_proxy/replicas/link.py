@@ -97,20 +97,14 @@ class RedisLink:
     async def close(self) -> None:
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            while not task.done():
-                done, _ = await asyncio.wait({task}, timeout=1)
-                if not done:
-                    # redis-py's reader can swallow a cancellation that races with a
-                    # message arriving: cut its connection and cancel again.
-                    pubsub = self._pubsub
-                    if pubsub is not None and pubsub.connection is not None:
-                        with contextlib.suppress(Exception):
-                            await pubsub.connection.disconnect()
-                    task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task, self._cut_pubsub)
         await self.client.aclose()
+
+    async def _cut_pubsub(self) -> None:
+        pubsub = self._pubsub
+        if pubsub is not None and pubsub.connection is not None:
+            with contextlib.suppress(Exception):
+                await pubsub.connection.disconnect()
 
     async def _run(self) -> None:
         delay = 0.05
@@ -166,6 +160,24 @@ class RedisLink:
                     result = listener(up)
                     if result is not None:
                         await result
+
+
+async def cancel_and_wait(
+    task: asyncio.Task[None], unstick: Callable[[], Awaitable[None]] | None = None
+) -> None:
+    """Cancel ``task`` and wait for it to end. A cancellation can be lost inside redis-py
+    (seen at shutdown: the pub/sub reader went on reading; a cancel racing a timeout in its
+    reader, which it then retries, is a likely way), so the task is cancelled again, after
+    ``unstick()``, each second it lives on — at shutdown only."""
+    task.cancel()
+    while not task.done():
+        done, _ = await asyncio.wait({task}, timeout=1)
+        if not done:
+            if unstick is not None:
+                await unstick()
+            task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def _reason(url: str, error: BaseException) -> str:

@@ -35,7 +35,7 @@ from ..exceptions import (
     UpstreamUnavailable,
 )
 from ..scheduling import State, Ticket
-from .link import RedisLink
+from .link import RedisLink, cancel_and_wait
 from .messages import (
     Announce,
     Dropped,
@@ -377,9 +377,7 @@ class RemoteQueue:
         if self._closed is None:
             self.close(ShuttingDown)
         if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._heartbeat
+            await cancel_and_wait(self._heartbeat)
         for rid in list(self._running):
             self._finish(rid, None)
         if self._tasks:
