@@ -37,6 +37,7 @@ from .typedefs import (
     METRICS,
     PROXY,
     REDIS_LINK,
+    REPLICA,
     SCHEDULER,
     UPSTREAM,
     WHITELIST_SYNC,
@@ -120,6 +121,8 @@ def tenants_view(
 
 async def queue_view(request: web.Request) -> web.Response:
     authorize(request)
+    if request.app[REPLICA] is not None:
+        return await _shared_queue_view(request)
     scheduler = request.app[SCHEDULER]
     upstream = request.app[UPSTREAM]  # the first server (Part 1's one)
     now = scheduler.now()
@@ -141,6 +144,47 @@ async def queue_view(request: web.Request) -> web.Response:
             "tenants": tenants_view(request.app[PROXY].tenancy, queued, running_tickets),
             "upstream": {"url": str(upstream.url), "health": upstream.health.value},
             "servers": list(servers_view(scheduler.servers)),
+        }
+    )
+
+
+async def _shared_queue_view(request: web.Request) -> web.Response:
+    """``queue.backend: redis``: every replica's waiters and running requests, read from
+    their ticket records in Redis, each with its replica name."""
+    from .replicas.replica import record_view, wall_now
+
+    replica = request.app[REPLICA]
+    assert replica is not None
+    settings = request.app[LIVE].settings
+    upstream = request.app[UPSTREAM]
+    records = await replica.records()
+    now = wall_now()
+    aging = settings.queue.aging
+
+    def effective(priority: int, queued_at: float) -> float:
+        return priority - (now - queued_at) / aging if aging else float(priority)
+
+    waiting = sorted(
+        (r for r in records if r.state == "queued"),
+        key=lambda r: (effective(r.priority, r.queued_at), r.seq),
+    )
+    entries = []
+    for record in waiting:
+        view = record_view(record, now)
+        if aging:
+            view["effective_priority"] = round(effective(record.priority, record.queued_at), 3)
+        entries.append(view)
+    processing = [record_view(r, now) for r in records if r.state == "running"]
+    return web.json_response(
+        {
+            "queue_length": len(entries),
+            "in_flight": len(processing),
+            "slots": settings.upstream.slots,
+            "replica": replica.link.replica,
+            "dispatcher": replica.dispatcher.leading,
+            "processing": processing,
+            "entries": entries,
+            "upstream": {"url": str(upstream.url), "health": upstream.health.value},
         }
     )
 

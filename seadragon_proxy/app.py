@@ -41,6 +41,7 @@ from .typedefs import (
     PROXY,
     RECORDER,
     REDIS_LINK,
+    REPLICA,
     SCHEDULER,
     START_CHECK,
     UPSTREAM,
@@ -105,14 +106,17 @@ def create_app(settings: Settings) -> web.Application:
     app[HISTORY] = history
     app[REDIS_LINK] = None
     app[WHITELIST_SYNC] = None
+    app[REPLICA] = None
     if q.backend == "redis":
-        # the [redis] extra; settings checked it is there
+        # The [redis] extra; settings checked it is there.
         from .replicas.link import RedisLink
+        from .replicas.replica import Replica
         from .replicas.whitelistsync import WhitelistSync
 
-        link = RedisLink(q.redis, settings.server.replica)
-        app[REDIS_LINK] = link
+        link = app[REDIS_LINK] = RedisLink(q.redis, settings.server.replica)
         app[WHITELIST_SYNC] = WhitelistSync(link, live.store, live.reload_whitelist)
+        replica = app[REPLICA] = Replica(link, scheduler, live)
+        proxy.queue = replica.queue  # requests wait in the shared queue; same code path
         metrics.add_replica(settings.server.replica, q.backend, lambda: link.up)
     else:
         metrics.add_replica(settings.server.replica, q.backend)
@@ -129,6 +133,7 @@ def create_app(settings: Settings) -> web.Application:
             watcher_ctx,
             scheduler_ctx,
             parser_ctx,
+            replica_ctx,
         ]
     )
     app.on_response_prepare.append(answer_headers)
@@ -194,6 +199,19 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
     await link.start()
     yield
     await link.close()
+
+
+async def replica_ctx(app: web.Application) -> AsyncIterator[None]:
+    """With ``queue.backend: redis``: heartbeats and the dispatcher election start once
+    everything else is up, and stop first (resigning the lease, so another replica takes
+    over at once) while the link is still there to say so."""
+    replica = app[REPLICA]
+    if replica is None:
+        yield
+        return
+    await replica.start()
+    yield
+    await replica.stop()
 
 
 async def whitelist_ctx(app: web.Application) -> AsyncIterator[None]:

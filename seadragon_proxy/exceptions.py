@@ -16,6 +16,7 @@
         ├── QueueFull            503  queue.max_size reached (Ollama's own message)
         ├── QueueTimeout         503  waited longer than queue.max_wait
         ├── ShuttingDown         503  the proxy is stopping
+        ├── RedisUnavailable     503  queue.backend redis and Redis cannot be reached
         ├── Unavailable          503  the database behind an admin route cannot be read
         ├── BodiesFull           503  request bodies in progress hold server.max_body_memory
         ├── UpstreamTimeout      504  Ollama accepted the request but said nothing for idle_timeout
@@ -134,6 +135,19 @@ class ShuttingDown(RequestError):
 
     def __init__(self) -> None:
         super().__init__("seadragon-proxy is shutting down; try again shortly", retry_after=5)
+
+
+class RedisUnavailable(RequestError):
+    """``queue.backend: redis`` and this replica cannot reach Redis: no turn can be granted."""
+
+    status = 503
+
+    def __init__(self, reason: str | None) -> None:
+        super().__init__(
+            f"{reason or 'Redis is unreachable'}; inference waits for the shared queue, "
+            "try again shortly",
+            retry_after=2,
+        )
 
 
 class Unavailable(RequestError):

@@ -55,7 +55,8 @@ from .policy import RequestFacts, Source
 from .record import Recorder, RequestRecord
 from .retryplace import Identity, RetryPlaces, identity
 from .routes import Route, classify
-from .scheduling import Place, Scheduler, Slot, Ticket
+from .scheduling import Place, Scheduler, Ticket
+from .scheduling.queue import Held, Queue
 from .settings import Settings
 from .tenancy import Tenancy
 from .upstream import Fleet, Health, Upstream, looped, request_headers, response_headers
@@ -88,9 +89,17 @@ def stream_error_line(content_type: str, message: str, after: bytes = b"") -> by
 class Proxy:
     """Holds what the handler needs; ``handle`` is the aiohttp handler."""
 
-    def __init__(self, live: Live, scheduler: Scheduler, fleet: Fleet, recorder: Recorder) -> None:
+    def __init__(
+        self,
+        live: Live,
+        scheduler: Scheduler,
+        fleet: Fleet,
+        recorder: Recorder,
+        queue: Queue | None = None,
+    ) -> None:
         self.live = live
-        self.scheduler = scheduler
+        self.scheduler = scheduler  # the clock, and the queue with backend memory
+        self.queue: Queue = scheduler if queue is None else queue  # where requests wait
         self.fleet = fleet
         self.recorder = recorder
         self.tenancy = Tenancy(scheduler)
@@ -254,7 +263,7 @@ class Proxy:
         retried = False
         while True:
             try:
-                slot = await self.scheduler.acquire(ticket)
+                slot = await self.queue.acquire(ticket)
             except asyncio.CancelledError:
                 record.left_queue = True  # hung up (or shutdown) while waiting for its turn
                 if places.window and recognisable and not self.stopping:
@@ -266,7 +275,7 @@ class Proxy:
                 if ticket.enqueued_at:
                     record.queue_wait = self.scheduler.now() - ticket.enqueued_at
             started = ticket.started_at
-            upstream = self.fleet.get(slot.server.name)
+            upstream = self.fleet.get(slot.server_name)
             record.server, record.swapped = upstream.name, ticket.swapped
             try:
                 response = await self._send(upstream, request, route, headers, data, retry=False)
@@ -320,7 +329,7 @@ class Proxy:
         request: web.Request,
         server: Upstream,
         upstream: aiohttp.ClientResponse,
-        slot: Slot | None,
+        slot: Held | None,
         record: RequestRecord,
         started: float,
     ) -> web.StreamResponse:

@@ -15,7 +15,7 @@ from aiohttp import web
 from .app import create_app
 from .exceptions import ShuttingDown
 from .settings import Settings
-from .typedefs import LIVE, PROXY, SCHEDULER
+from .typedefs import LIVE, PROXY, REPLICA, SCHEDULER
 
 log = structlog.get_logger("seadragon.server")
 
@@ -42,7 +42,11 @@ class RunningServer:
         if self.runner.server is not None:
             self.runner.server.pre_shutdown()  # close idle keep-alive connections
         proxy.stopping = True
-        refused = scheduler.close(ShuttingDown)
+        replica = self.app[REPLICA]
+        if replica is not None:  # hand the dispatcher's lease on before the grace period
+            await replica.dispatcher.stop()
+        refused = proxy.queue.close(ShuttingDown)
+        scheduler.close(ShuttingDown)
         active = set(proxy.active)  # refused waiters are among them and end at once
         log.info("shutting_down", refused=refused, in_flight=len(active) - refused, grace=grace)
         if active:

@@ -17,6 +17,7 @@ from .upstream import Fleet, Upstream
 
 if TYPE_CHECKING:  # redis is an optional extra: imported only with queue.backend: redis
     from .replicas.link import RedisLink
+    from .replicas.replica import Replica
     from .replicas.whitelistsync import WhitelistSync
 
 LIVE = web.AppKey("live", Live)
@@ -30,3 +31,4 @@ START_CHECK = web.AppKey("start_check", StartCheck)
 HISTORY: web.AppKey[History | None] = web.AppKey("history")
 REDIS_LINK: web.AppKey[RedisLink | None] = web.AppKey("redis_link")
 WHITELIST_SYNC: web.AppKey[WhitelistSync | None] = web.AppKey("whitelist_sync")
+REPLICA: web.AppKey[Replica | None] = web.AppKey("replica")

@@ -305,8 +305,10 @@ class Fleet:
     def __repr__(self) -> str:
         return f"<Fleet {list(self.servers)}>"
 
-    def get(self, name: str) -> Upstream:
-        return self._by_name[name]
+    def get(self, name: str | None) -> Upstream:
+        """The server of that name (``None``: the first). Replicas of one queue must list
+        the same ``upstreams:``: a dispatcher's grant names the server."""
+        return self._by_name[name] if name is not None else self.servers[0]
 
     def first_healthy(self) -> Upstream:
         """Where the routes that are not queued go for now: the first server that is up."""

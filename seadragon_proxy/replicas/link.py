@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 
 import redis.asyncio as redis
 import structlog
+from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -50,6 +51,7 @@ class RedisLink:
         self._reason: str | None = "not connected yet"
         self._task: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
+        self._pubsub: PubSub | None = None
 
     def __repr__(self) -> str:
         state = "up" if self._up else f"down ({self._reason})"
@@ -93,17 +95,21 @@ class RedisLink:
         self._task = asyncio.create_task(self._run(), name="redis-link")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        if task is not None:
+            await cancel_and_wait(task, self._cut_pubsub)
         await self.client.aclose()
+
+    async def _cut_pubsub(self) -> None:
+        pubsub = self._pubsub
+        if pubsub is not None and pubsub.connection is not None:
+            with contextlib.suppress(Exception):
+                await pubsub.connection.disconnect()
 
     async def _run(self) -> None:
         delay = 0.05
         while True:
-            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            pubsub = self._pubsub = self.client.pubsub(ignore_subscribe_messages=True)
             try:
                 if self._handlers:
                     await pubsub.subscribe(*self._handlers)
@@ -154,6 +160,24 @@ class RedisLink:
                     result = listener(up)
                     if result is not None:
                         await result
+
+
+async def cancel_and_wait(
+    task: asyncio.Task[None], unstick: Callable[[], Awaitable[None]] | None = None
+) -> None:
+    """Cancel ``task`` and wait for it to end. A cancellation can be lost inside redis-py
+    (seen at shutdown: the pub/sub reader went on reading; a cancel racing a timeout in its
+    reader, which it then retries, is a likely way), so the task is cancelled again, after
+    ``unstick()``, each second it lives on — at shutdown only."""
+    task.cancel()
+    while not task.done():
+        done, _ = await asyncio.wait({task}, timeout=1)
+        if not done:
+            if unstick is not None:
+                await unstick()
+            task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def _reason(url: str, error: BaseException) -> str:

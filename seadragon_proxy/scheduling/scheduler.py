@@ -78,6 +78,10 @@ class Slot:
         """The server this slot is on: send the request there."""
         return self._scheduler.server(self.ticket.server)
 
+    @property
+    def server_name(self) -> str | None:
+        return self.ticket.server
+
     def report_load(self, seconds: float) -> None:
         """Ollama's ``load_duration`` for this request: if starting it loaded its model,
         that is what the swap cost (learned per server and model). Before or after release."""

@@ -373,7 +373,8 @@
       cell("source", sourceTag(entry.source)),
       priorityCell(entry),
       cell("model", entry.model || "—"),
-      cell("client", entry.client_ip, "mono"),
+      // With queue.backend: redis the entry names the replica it waits (or runs) at.
+      cell("client", entry.replica ? `${entry.client_ip} @ ${entry.replica}` : entry.client_ip, "mono"),
       cell("path", entry.path, "mono"),
     ];
   }
