@@ -8,7 +8,9 @@ are one model, listed by ``/api/tags`` as ``llama3:latest``.
 
 ``model_key`` gives that one model one key. It answers ``None`` (in doubt: never refuse)
 for a name this module does not read as Ollama would with certainty: one with a build
-(``+Q4_0``) or a digest (``@sha256-…``), and one Ollama itself would not parse.
+(``+Q4_0``) or a digest (``@sha256-…``), one Ollama itself would not parse, and a cloud
+model (a tag ``cloud`` or ``…-cloud``), which Ollama serves without a pull since
+ollama/ollama#14574, so /api/tags need not list it.
 """
 
 from __future__ import annotations
@@ -39,8 +41,8 @@ def model_key(name: str) -> str | None:
     if not name or len(name) > MAX_PART or ".." in name or "+" in name or "@" in name:
         return None  # too long, a build or a digest: Ollama's own business
     path, colon, tag = name.rpartition(":") if ":" in name.rsplit("/", 1)[-1] else (name, "", "")
-    if colon and not _valid(tag):
-        return None
+    if colon and (not _valid(tag) or "cloud" in tag.lower()):
+        return None  # a cloud model (``:cloud``, ``-cloud``) needs no pull, so no listing
     parts = path.split("/")
     if len(parts) > 3:
         return None
