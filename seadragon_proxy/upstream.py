@@ -281,7 +281,8 @@ class Fleet:
     ``RESIDENCY_INTERVAL`` seconds for changes made outside the proxy; between reads the
     scheduler keeps track of what it sent where. When residency cannot change a decision
     (``tracks_residency`` false: the Part 1 single server) only ``/api/tags`` is read, at
-    start and when it may have changed (``refresh_recent``, ``changing_models``).
+    start, after a model change through the proxy (``end_change``) and on demand
+    (``refresh_recent``).
     """
 
     def __init__(
@@ -438,8 +439,10 @@ class Fleet:
         first = True
         while True:
             self._wake.clear()
-            # Part 1: /api/tags at start and after a model change, otherwise on demand.
-            if first or self.tracks_residency or self._fresh != self._changes:
+            # Part 1: /api/tags at start, after a model change, every RESIDENCY_INTERVAL
+            # while it could not be read (Ollama down at start), otherwise on demand.
+            unread = any(u.server.known is None for u in self.servers)
+            if first or unread or self.tracks_residency or self._fresh != self._changes:
                 first = False
                 await self.refresh()
             with contextlib.suppress(TimeoutError):

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from seadragon_proxy import upstream
 from seadragon_proxy.fake_ollama import FakeOllama
 from seadragon_proxy.scheduling.names import model_key
 
@@ -119,6 +120,24 @@ async def test_unreadable_tags_let_every_request_through(
     assert (status, doc) == (404, {"error": f"model '{MISSING}' not found"})  # Ollama's own
     assert [s.json["model"] for s in proxy.fake.inference] == [MISSING]
     assert (await proxy.records(1))[-1].refusal is None
+
+
+async def test_a_list_that_could_not_be_read_is_read_again_until_it_is(
+    fake: FakeOllama, make_proxy: ProxyFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ollama unreadable at start (down, or failing): its list is read again on the
+    residency interval (shortened here) until it is in."""
+    monkeypatch.setattr(upstream, "RESIDENCY_INTERVAL", 0.05)
+    fake.tags_status = 500
+    proxy = await make_proxy()
+    await proxy.tags_read(2)  # read, failed, read again
+    assert proxy.scheduler.servers[0].known is None
+    fake.tags_status = 200
+    async with asyncio.timeout(10):
+        while proxy.scheduler.servers[0].known is None:
+            await proxy.fleet.next_refresh()
+    assert (await generate(proxy, MISSING))[0] == 404
+    assert (await proxy.records(1))[-1].refusal == "unknown_model"
 
 
 async def test_a_waiter_whose_model_is_deleted_meanwhile_gets_ollamas_answer(
