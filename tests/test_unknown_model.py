@@ -39,7 +39,15 @@ async def test_a_missing_model_is_answered_at_once_while_the_slot_is_busy(proxy:
     assert (status, doc) == (404, {"error": f"model '{MISSING}' not found"})  # Ollama's words
     assert proxy.scheduler.in_flight == 1 and proxy.scheduler.queue_length == 0
     status, doc = await proxy.collect("/v1/chat/completions", {"model": MISSING}, {})
-    assert status == 404 and MISSING in doc["error"]["message"]  # OpenAI's shape there
+    assert (status, doc["error"]) == (  # Ollama's OpenAI shape there
+        404,
+        {
+            "message": f"model '{MISSING}' not found",
+            "type": "not_found_error",
+            "param": None,
+            "code": None,
+        },
+    )
     proxy.fake.gate("busy").set()
     assert (await held)[0] == 200
     records = await proxy.records(3)
@@ -195,3 +203,22 @@ def test_model_keys_match_as_ollama_does() -> None:
         "m" * 129,
     ]
     assert [model_key(n) for n in in_doubt] == [None] * len(in_doubt)
+
+
+async def test_while_a_model_change_is_under_way_unlisted_models_go_through(
+    proxy: Proxy,
+) -> None:
+    """A pull in progress (begun as ``_serve`` begins one): the list is in doubt, so a
+    request for a model it does not list is sent on; once Ollama accepted the change the
+    list is read again, unthrottled, and the 404 comes at once."""
+    await proxy.tags_read()
+    assert (await generate(proxy, MISSING))[0] == 404  # refused here: a read just now
+    proxy.fleet.begin_change()
+    assert await generate(proxy, MISSING) == (404, {"error": f"model '{MISSING}' not found"})
+    assert [s.json["model"] for s in proxy.fake.inference] == [MISSING]  # Ollama answered
+    reads = proxy.fleet.refreshes
+    proxy.fleet.end_change(changed=True)
+    assert (await generate(proxy, MISSING))[0] == 404
+    assert len(proxy.fake.inference) == 1 and proxy.fleet.refreshes > reads  # read again
+    records = await proxy.records(3)
+    assert [r.refusal for r in records] == ["unknown_model", None, "unknown_model"]
