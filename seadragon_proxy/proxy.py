@@ -210,27 +210,14 @@ class Proxy:
             if request.content_length is not None:
                 headers["Content-Length"] = str(request.content_length)
         if not route.queued:
-            if (
-                len(self.fleet.servers) > 1
-            ):  # tags/ps as unions, show, pull onto each, one for the rest
-                answer = await fleet_metadata(
-                    request, self.fleet.servers, self.fleet.session, body=body, headers=headers
-                )
-                if answer is not None:
-                    record.server = answer.headers.get(SERVER_HEADER)
-                    record.status = answer.status
-                    return answer
-            upstream = self.fleet.first_healthy()
-            record.server = upstream.name
-            started = self.scheduler.now()
+            if not route.changes_models:
+                return await self._forward(request, route, record, headers, body, data)
+            self.fleet.begin_change()  # the model list is in doubt until it is over
             try:
-                response = await self._send(
-                    upstream, request, route, headers, data, retry=body is not None
-                )
+                return await self._forward(request, route, record, headers, body, data)
             finally:
-                record.upstream_time = self.scheduler.now() - started
-            return await self._relay(request, upstream, response, None, record, started)
-        if not self.scheduler.serves(model):
+                self.fleet.end_change(record.status is not None and record.status < 400)
+        if not self.scheduler.serves(model) and not self.fleet.changing:
             await self.fleet.refresh_recent()  # it may have been pulled since the last read
             if not self.scheduler.serves(model):
                 record.refusal = "unknown_model"
@@ -298,6 +285,36 @@ class Proxy:
                 record.swapped = ticket.swapped  # a load seen in load_duration counts too
                 if ticket.swapped:
                     self.fleet.loaded()
+
+    async def _forward(
+        self,
+        request: web.Request,
+        route: Route,
+        record: RequestRecord,
+        headers: CIMultiDict[str],
+        body: bytes | None,
+        data: bytes | AsyncIterator[bytes] | None,
+    ) -> web.StreamResponse:
+        """A route that is not queued: sent at once, to the first healthy server (or, with
+        several, as fleetmeta.py says)."""
+        if len(self.fleet.servers) > 1:  # tags/ps as unions, show, pull onto each, one for the rest
+            answer = await fleet_metadata(
+                request, self.fleet.servers, self.fleet.session, body=body, headers=headers
+            )
+            if answer is not None:
+                record.server = answer.headers.get(SERVER_HEADER)
+                record.status = answer.status
+                return answer
+        upstream = self.fleet.first_healthy()
+        record.server = upstream.name
+        started = self.scheduler.now()
+        try:
+            response = await self._send(
+                upstream, request, route, headers, data, retry=body is not None
+            )
+        finally:
+            record.upstream_time = self.scheduler.now() - started
+        return await self._relay(request, upstream, response, None, record, started)
 
     @staticmethod
     def _not_whitelisted(record: RequestRecord, source: Source, ip: IPAddress | None) -> Forbidden:

@@ -36,6 +36,8 @@ JSON_PATHS = frozenset(
 # Model management: its own permission (admin.manage_models), and behind the Host check.
 MANAGEMENT_PATHS = JSON_PATHS - {"/api/show"}
 BLOBS_PREFIX = "/api/blobs/"
+# The routes that change what /api/tags lists, once Ollama accepted them.
+CHANGES_MODELS = frozenset({"/api/pull", "/api/create", "/api/copy", "/api/delete"})
 
 
 def manages_models(path: str) -> bool:
@@ -71,6 +73,10 @@ class Route:
     @property
     def manages_models(self) -> bool:
         return manages_models(self.path)
+
+    @property
+    def changes_models(self) -> bool:
+        return self.path in CHANGES_MODELS
 
     @property
     def reads_json(self) -> bool:

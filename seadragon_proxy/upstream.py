@@ -279,7 +279,10 @@ class Fleet:
     Residency: what each server has loaded is read from ``/api/ps`` (and what it has, from
     ``/api/tags``) at start, after a request of ours loaded a model, and every
     ``RESIDENCY_INTERVAL`` seconds for changes made outside the proxy; between reads the
-    scheduler keeps track of what it sent where.
+    scheduler keeps track of what it sent where. When residency cannot change a decision
+    (``tracks_residency`` false: the Part 1 single server) only ``/api/tags`` is read, at
+    start, after a model change through the proxy (``end_change``) and on demand
+    (``refresh_recent``).
     """
 
     def __init__(
@@ -301,6 +304,9 @@ class Fleet:
         self.refreshes = 0  # residency reads applied so far
         self._reading: asyncio.Future[None] | None = None  # a read for an unknown model
         self._read_at = -math.inf
+        self.changing = 0  # pulls, creates, copies and deletes through the proxy in flight
+        self._changes = 0  # how many of them Ollama accepted
+        self._fresh = 0  # ``_changes`` when the read now applied began
 
     def __repr__(self) -> str:
         return f"<Fleet {list(self.servers)}>"
@@ -349,8 +355,11 @@ class Fleet:
             await self._session.close()
 
     async def refresh(self) -> None:
-        """Read every server's ``/api/ps`` and ``/api/tags`` at once; tell the scheduler."""
-        await asyncio.gather(*(self._refresh_one(u) for u in self.servers))
+        """Read every server's ``/api/tags`` (and ``/api/ps`` if residency is tracked) at
+        once; tell the scheduler."""
+        changes, residency = self._changes, self.tracks_residency
+        await asyncio.gather(*(self._refresh_one(u, residency) for u in self.servers))
+        self._fresh = changes
         self.refreshes += 1
         self._refreshed.set()
         self._refreshed = asyncio.Event()
@@ -359,15 +368,33 @@ class Fleet:
     async def refresh_recent(self) -> None:
         """A fresh enough read for a request naming a model no server has: at most one read
         per ``UNKNOWN_MODEL_REREAD`` seconds, shared by every request asking meanwhile, so
-        made-up model names cannot make the proxy hammer the servers."""
-        now = self._scheduler.now()
-        if self._reading is None:
-            if now - self._read_at < UNKNOWN_MODEL_REREAD:
+        made-up model names cannot make the proxy hammer the servers. A model change through
+        the proxy (``end_change``) since the last read began: read at once."""
+        for _ in range(2):  # once more if the read shared began before a change ended
+            if self._reading is None:
+                now = self._scheduler.now()
+                if self._fresh == self._changes and now - self._read_at < UNKNOWN_MODEL_REREAD:
+                    return
+                self._read_at = now
+                self._reading = asyncio.ensure_future(self.refresh())
+                self._reading.add_done_callback(self._read_done)
+            await asyncio.shield(self._reading)
+            if self._fresh == self._changes:
                 return
-            self._read_at = now
-            self._reading = asyncio.ensure_future(self.refresh())
-            self._reading.add_done_callback(self._read_done)
-        await asyncio.shield(self._reading)
+
+    def begin_change(self) -> None:
+        """A pull, create, copy or delete is sent through the proxy: until it ends the model
+        list is in doubt (``changing``), and requests for unlisted models go through."""
+        self.changing += 1
+
+    def end_change(self, changed: bool) -> None:
+        """It ended; ``changed``: Ollama accepted it, so ``/api/tags`` is read again now
+        (a deleted model is refused once it is read), and a request for a model the last
+        read did not list, before that read is in, reads it again unthrottled."""
+        self.changing -= 1
+        if changed:
+            self._changes += 1
+            self._wake.set()
 
     def _read_done(self, task: asyncio.Future[None]) -> None:
         self._reading = None
@@ -378,24 +405,28 @@ class Fleet:
         """Wait for the next read of every server's residency to be applied."""
         await self._refreshed.wait()
 
-    async def _refresh_one(self, upstream: Upstream) -> None:
+    async def _refresh_one(self, upstream: Upstream, residency: bool) -> None:
         timeout = min(3.0, self.settings.connect_timeout + 1)
-        ps, tags = await asyncio.gather(
-            upstream.get_json("/api/ps", timeout), upstream.get_json("/api/tags", timeout)
-        )
-        now = self._scheduler.now()
-        loaded = _model_names(ps)
-        if loaded is not None:
-            upstream.server.observe_loaded(loaded, now)
+        if residency:
+            ps, tags = await asyncio.gather(
+                upstream.get_json("/api/ps", timeout), upstream.get_json("/api/tags", timeout)
+            )
+            loaded = _model_names(ps)
+            if loaded is not None:
+                upstream.server.observe_loaded(loaded, self._scheduler.now())
+        else:
+            tags = await upstream.get_json("/api/tags", timeout)
         known = _model_names(tags)
-        if known is not None:
+        if known is not None or len(self.servers) == 1:
+            # One server unread: its models are not known, every request goes through.
+            # In a fleet its last list stays, to route by (docs/fleet.md).
             upstream.server.observe_known(known)
 
     @property
     def tracks_residency(self) -> bool:
         """Whether residency can change a decision: several servers, a server with
         ``max_loaded_models`` or ``models``, or affinity. A plain fleet of one (Part 1)
-        never asks Ollama anything but what its clients ask."""
+        reads only ``/api/tags``, at start and on demand (``refresh_recent``)."""
         return (
             len(self.servers) > 1
             or self._scheduler.affinity.on
@@ -407,9 +438,14 @@ class Fleet:
         self._wake.set()
 
     async def _refresh_forever(self) -> None:
+        first = True
         while True:
             self._wake.clear()
-            if self.tracks_residency:
+            # Part 1: /api/tags at start, after a model change, every RESIDENCY_INTERVAL
+            # while it could not be read (Ollama down at start), otherwise on demand.
+            unread = any(u.server.known is None for u in self.servers)
+            if first or unread or self.tracks_residency or self._fresh != self._changes:
+                first = False
                 await self.refresh()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(RESIDENCY_INTERVAL):

@@ -20,13 +20,15 @@ import structlog
 import yaml
 
 from seadragon_proxy.fake_ollama import FakeOllama
+from seadragon_proxy.fake_ollama.core import Seen
 from seadragon_proxy.live import Live
 from seadragon_proxy.logs import configure_logging, stop_logging
 from seadragon_proxy.record import RequestRecord
 from seadragon_proxy.scheduling import Scheduler, Ticket
 from seadragon_proxy.server import RunningServer, start_server
 from seadragon_proxy.settings import LogSettings, load_settings
-from seadragon_proxy.typedefs import LIVE, RECORDER, SCHEDULER, START_CHECK
+from seadragon_proxy.typedefs import FLEET, LIVE, RECORDER, SCHEDULER, START_CHECK
+from seadragon_proxy.upstream import Fleet
 
 pytest_plugins = ["tests.redisserver", "tests.replicas"]  # redis_server, replicas
 
@@ -126,6 +128,22 @@ class Proxy:
     @property
     def live(self) -> Live:
         return self.server.app[LIVE]
+
+    @property
+    def fleet(self) -> Fleet:
+        return self.server.app[FLEET]
+
+    @property
+    def forwarded(self) -> list[Seen]:
+        """What the fake received on a client's behalf (carrying the proxy's Via), not the
+        proxy's own reads (/api/tags at start, /api/version)."""
+        return [s for s in self.fake.requests if "Via" in s.headers]
+
+    async def tags_read(self, count: int = 1, timeout: float = 10) -> None:
+        """Wait until the proxy has applied ``count`` reads of Ollama's model list."""
+        async with asyncio.timeout(timeout):
+            while self.fleet.refreshes < count:
+                await self.fleet.next_refresh()
 
     def on_record(self, record: RequestRecord) -> None:
         self.finished.append(record)

@@ -100,7 +100,7 @@ async def test_unknown_admin_paths_are_not_forwarded(proxy: Proxy) -> None:
         proxy.url + "/api/admin/nothing", headers={"X-Forwarded-For": "198.51.100.4"}
     ) as r:
         assert r.status == 403
-    assert proxy.fake.requests == []
+    assert proxy.forwarded == []
 
 
 async def test_health_healthy(proxy: Proxy) -> None:
@@ -145,7 +145,7 @@ async def test_cors_preflight_and_headers_for_allowed_origin(proxy: Proxy) -> No
         assert r.status == 200
         assert r.headers["Access-Control-Allow-Origin"] == origin
         await r.read()
-    assert "Origin" not in proxy.fake.requests[-1].headers  # CORS is decided here, not by Ollama
+    assert "Origin" not in proxy.forwarded[-1].headers  # CORS is decided here, not by Ollama
 
 
 @pytest.mark.parametrize(
@@ -165,7 +165,7 @@ async def test_disallowed_origin_gets_ollamas_empty_403(proxy: Proxy) -> None:
         ) as r:
             assert r.status == 403 and await r.read() == b""
             assert "Access-Control-Allow-Origin" not in r.headers
-    assert proxy.fake.requests == []
+    assert proxy.forwarded == []
 
 
 async def test_ollama_defaults_can_be_switched_off(make_proxy: ProxyFactory) -> None:

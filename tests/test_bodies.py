@@ -55,7 +55,7 @@ async def test_a_stranger_is_refused_before_its_body_is_read(proxy: Proxy) -> No
     assert answer.startswith(b"HTTP/1.1 403 ")
     assert f"client {STRANGER} is not on the whitelist".encode() in answer
     assert proxy.server.app[PROXY].bodies.held == 0
-    assert proxy.fake.requests == []
+    assert proxy.forwarded == []
     (record,) = await proxy.records(1)
     assert (record.refusal, record.source, record.model) == ("whitelist", "direct_api", None)
 
@@ -145,7 +145,7 @@ async def test_a_gzip_body_is_bounded_after_decoding(make_proxy: ProxyFactory) -
         assert r.status == 413
         assert "server.max_body (65536 bytes)" in (await r.json())["error"]
     assert proxy.server.app[PROXY].bodies.held == 0
-    assert proxy.fake.requests == []
+    assert proxy.forwarded == []
 
 
 async def test_a_trickling_body_is_bounded_in_total_time(make_proxy: ProxyFactory) -> None:
@@ -174,7 +174,7 @@ async def test_a_trickling_body_is_bounded_in_total_time(make_proxy: ProxyFactor
     assert answer.startswith(b"HTTP/1.1 408 ")
     assert b"server.body_deadline (1.5 s)" in answer
     assert 1.4 < time.monotonic() - started < 5
-    assert proxy.fake.requests == []
+    assert proxy.forwarded == []
 
 
 async def test_bodies_held_have_one_ceiling_across_requests(make_proxy: ProxyFactory) -> None:
@@ -208,7 +208,7 @@ async def test_json_elements_are_budgeted_while_the_body_arrives(
     async with await proxy.post("/api/generate", body) as r:
         assert r.status == 413
         assert "server.max_json_elements (1000)" in (await r.json())["error"]
-    assert proxy.fake.requests == []
+    assert proxy.forwarded == []
 
 
 def test_max_body_memory_must_hold_one_body(tmp_path: Path) -> None:
@@ -252,7 +252,7 @@ async def test_an_encoding_that_cannot_be_forwarded_is_415(
     async with proxy.session.post(proxy.url + path, data=packed, headers=headers) as r:
         assert r.status == 415
         assert "Content-Encoding" in (await r.json())["error"]
-    assert proxy.fake.requests == []
+    assert proxy.forwarded == []
 
 
 async def test_a_json_body_under_two_encodings_is_415(proxy: Proxy) -> None:
@@ -261,7 +261,7 @@ async def test_a_json_body_under_two_encodings_is_415(proxy: Proxy) -> None:
     headers = CIMultiDict([("Content-Encoding", "gzip"), ("Content-Encoding", "gzip")])
     async with proxy.session.post(proxy.url + "/api/chat", data=packed, headers=headers) as r:
         assert r.status == 415
-    assert proxy.fake.requests == []
+    assert proxy.forwarded == []
 
 
 # -- 4. a big parse does not stall other clients' streams -----------------------------------

@@ -40,7 +40,7 @@ async def test_bad_bodies_get_400_in_ollamas_shape(proxy: Proxy, body: bytes, me
         assert r.headers["Content-Type"] == "application/json; charset=utf-8"
         doc = await r.json()
     assert list(doc) == ["error"] and message in doc["error"]
-    assert proxy.fake.requests == []  # refused here, nothing reached Ollama
+    assert proxy.forwarded == []  # refused here, nothing reached Ollama
 
 
 async def test_bad_body_on_v1_gets_openai_shape(proxy: Proxy) -> None:
@@ -57,7 +57,7 @@ async def test_bad_body_on_json_passthrough_route(proxy: Proxy) -> None:
         assert r.status == 400 and "invalid JSON" in (await r.json())["error"]
     async with proxy.session.post(proxy.url + "/api/pull", json={"stream": False}) as r:
         assert r.status == 400  # no model: Ollama's own answer, passed through
-    assert [s.path for s in proxy.fake.requests] == ["/api/pull"]
+    assert [s.path for s in proxy.forwarded] == ["/api/pull"]
 
 
 async def test_oversized_json_body_is_413(make_proxy: ProxyFactory) -> None:
@@ -73,7 +73,7 @@ async def test_oversized_json_body_is_413(make_proxy: ProxyFactory) -> None:
 
     async with proxy.session.post(proxy.url + "/api/chat", data=chunked()) as r:
         assert r.status == 413
-    assert proxy.fake.requests == []
+    assert proxy.forwarded == []
 
 
 async def test_unlisted_client_gets_403_naming_its_address(proxy: Proxy) -> None:

@@ -154,9 +154,9 @@ async def test_hangup_during_a_large_upload_aborts_the_upstream_request(proxy: P
         )
     )
     await sent.wait()
-    await proxy.fake.wait_until(lambda: len(proxy.fake.requests) == 1)
+    await proxy.fake.wait_until(lambda: len(proxy.forwarded) == 1)
     upload.cancel()
-    await proxy.fake.wait_until(lambda: proxy.fake.requests[0].finished > 0)
+    await proxy.fake.wait_until(lambda: proxy.forwarded[0].finished > 0)
     assert proxy.fake.blobs == set()
     (record,) = await proxy.records(1)
     assert record.hung_up and record.route == "/api/blobs/sha256:" + "a" * 64

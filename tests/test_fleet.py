@@ -300,10 +300,14 @@ def test_part1_upstream_is_a_fleet_of_one() -> None:
     assert not settings.queue.affinity.on
 
 
-async def test_part1_config_asks_ollama_nothing_extra(make_proxy: ProxyFactory) -> None:
+async def test_part1_config_asks_ollama_only_its_model_list(make_proxy: ProxyFactory) -> None:
+    """One ``upstream:`` reads /api/tags once at start (to answer unknown models at once),
+    never /api/ps: residency cannot change a decision there."""
     proxy = await make_proxy()
-    assert (await proxy.generate("hi"))[0] == 200
-    assert [r.path for r in proxy.fake.requests] == ["/api/generate"]  # no /api/ps, no tags
+    await proxy.tags_read()
+    assert (await proxy.generate("hi"))[0] == 200  # it loaded a model: still no /api/ps
+    assert [r.path for r in proxy.fake.requests] == ["/api/tags", "/api/generate"]
+    assert proxy.fleet.refreshes == 1
     assert [s.name for s in proxy.scheduler.servers] == ["default"]
 
 

@@ -20,7 +20,7 @@ async def test_root_and_head_root_answer_like_ollama(proxy: Proxy) -> None:
         assert r.status == 200
         assert r.headers["Content-Length"] == "17"
         assert await r.read() == b""
-    assert [(s.method, s.path) for s in proxy.fake.requests] == [("GET", "/"), ("HEAD", "/")]
+    assert [(s.method, s.path) for s in proxy.forwarded] == [("GET", "/"), ("HEAD", "/")]
 
 
 async def test_request_is_forwarded_unchanged_but_for_host_and_hop_by_hop(proxy: Proxy) -> None:
@@ -40,7 +40,7 @@ async def test_request_is_forwarded_unchanged_but_for_host_and_hop_by_hop(proxy:
         assert r.status == 200
         assert r.headers["Content-Type"] == "application/json; charset=utf-8"
         assert (await r.json())["done"] is True
-    seen = proxy.fake.requests[-1]
+    seen = proxy.forwarded[-1]
     assert seen.body == body  # the same bytes, not re-encoded
     assert seen.query == "ts=1700000000"  # signed requests need the query untouched
     assert seen.headers["Authorization"] == "Bearer ollama-key"
@@ -57,7 +57,7 @@ async def test_no_headers_are_invented(proxy: Proxy) -> None:
     writer.write(b"GET /api/tags HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert (await reader.read()).startswith(b"HTTP/1.1 200")
     writer.close()
-    seen = proxy.fake.requests[-1]
+    seen = proxy.forwarded[-1]
     assert "User-Agent" not in seen.headers and "Content-Type" not in seen.headers
 
 
@@ -123,14 +123,14 @@ async def test_alias_prefix_reaches_the_real_route(proxy: Proxy) -> None:
         proxy.url + "/api/ollama/generate", json={"model": MODEL, "prompt": "x", "stream": False}
     ) as r:
         assert r.status == 200
-    assert [s.path for s in proxy.fake.requests] == ["/api/tags", "/api/generate"]
+    assert [s.path for s in proxy.forwarded] == ["/api/tags", "/api/generate"]
 
 
 async def test_delete_with_a_body_and_empty_answers(proxy: Proxy) -> None:
     async with proxy.session.delete(proxy.url + "/api/delete", json={"model": "llama3.2:1b"}) as r:
         assert r.status == 200
         assert await r.read() == b""
-    assert proxy.fake.requests[-1].json == {"model": "llama3.2:1b"}
+    assert proxy.forwarded[-1].json == {"model": "llama3.2:1b"}
     async with proxy.session.delete(proxy.url + "/api/delete", json={"model": "llama3.2:1b"}) as r:
         assert r.status == 404
         assert await r.json() == {"error": "model 'llama3.2:1b' not found"}
@@ -161,7 +161,7 @@ async def test_blob_upload_streams_through_and_is_not_bounded_by_max_body(make_p
     headers = {"Content-Length": str(len(piece) * pieces)}
     async with proxy.session.post(url, data=body(), headers=headers) as r:
         assert r.status == 201
-    seen = proxy.fake.requests[-1]
+    seen = proxy.forwarded[-1]
     assert seen.body == f"<{len(piece) * pieces} bytes>".encode()
     assert seen.headers["Content-Length"] == str(len(piece) * pieces)
     async with proxy.session.head(url) as r:

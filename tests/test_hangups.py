@@ -88,7 +88,7 @@ async def hang_up_after_headers(proxy: Proxy, session: aiohttp.ClientSession, n:
 
 
 async def hang_up_during_upload(proxy: Proxy, session: aiohttp.ClientSession, n: int) -> None:
-    seen = len(proxy.fake.requests)
+    seen = len(proxy.forwarded)
     sent = asyncio.Event()
 
     async def body() -> AsyncIterator[bytes]:
@@ -104,9 +104,9 @@ async def hang_up_during_upload(proxy: Proxy, session: aiohttp.ClientSession, n:
         )
     )
     await sent.wait()
-    await proxy.fake.wait_until(lambda: len(proxy.fake.requests) > seen)
+    await proxy.fake.wait_until(lambda: len(proxy.forwarded) > seen)
     upload.cancel()
-    await proxy.fake.wait_until(lambda: proxy.fake.requests[seen].finished > 0)
+    await proxy.fake.wait_until(lambda: proxy.forwarded[seen].finished > 0)
 
 
 KINDS = [hang_up_while_queued, hang_up_mid_stream, hang_up_after_headers, hang_up_during_upload]

@@ -87,7 +87,7 @@ async def test_openai_js_api_key_gets_its_source_and_stays_here(proxy: Proxy) ->
     await node("openai-chat-stream", proxy.url, key)
     chat = next(r for r in await proxy.records(1) if r.route == "/v1/chat/completions")
     assert chat.source == "scripts" and chat.api_key == "team-scripts"
-    assert all("Authorization" not in s.headers for s in proxy.fake.requests)
+    assert all("Authorization" not in s.headers for s in proxy.forwarded)
 
 
 async def test_openai_js_silent_retry_after_its_timeout_keeps_its_place(proxy: Proxy) -> None:

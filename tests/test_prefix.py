@@ -117,7 +117,7 @@ async def test_prefix_picks_the_source_and_is_removed_before_forwarding(proxy: P
 async def test_an_unknown_prefix_is_forwarded_as_it_is(proxy: Proxy) -> None:
     async with proxy.session.get(proxy.url + "/s/codingx/api/tags") as r:
         assert r.status == 404  # Ollama's own 404 for a path it does not know
-    assert proxy.fake.requests[-1].path == "/s/codingx/api/tags"
+    assert proxy.forwarded[-1].path == "/s/codingx/api/tags"
 
 
 @pytest.fixture
@@ -139,7 +139,7 @@ async def test_every_ollama_route_works_under_the_prefix(
     assert parts[-1].done
     assert len((await client.embed(MODEL, input=["a"])).embeddings) == 1
     assert (await client.pull("llama3.2:1b")).status == "success"
-    assert all(not s.path.startswith("/s/") for s in proxy.fake.requests)
+    assert all(not s.path.startswith("/s/") for s in proxy.forwarded)
     sources = {r.source for r in proxy.finished}
     assert sources == {"coding"}
 
@@ -175,7 +175,7 @@ async def test_health_answers_under_the_prefix_and_admin_does_not(proxy: Proxy) 
             assert (await r.json())["error"] == (
                 f"{path} is served at the root only, not under the source prefix /s/coding"
             )
-    assert not [s for s in proxy.fake.requests if "admin" in s.path or "metrics" in s.path]
+    assert not [s for s in proxy.forwarded if "admin" in s.path or "metrics" in s.path]
 
 
 async def test_model_management_under_the_prefix_still_checks_host(proxy: Proxy) -> None:
@@ -185,7 +185,7 @@ async def test_model_management_under_the_prefix_still_checks_host(proxy: Proxy)
         headers={"Host": "evil.example.net:11435"},
     ) as r:
         assert r.status == 403
-    assert not [s for s in proxy.fake.requests if s.path == "/api/pull"]
+    assert not [s for s in proxy.forwarded if s.path == "/api/pull"]
 
 
 async def test_a_prefix_added_by_a_reload_applies_at_once(proxy: Proxy) -> None:

@@ -27,9 +27,9 @@ async def test_lists_and_streams_a_chat_through_the_proxy(proxy: Proxy) -> None:
     assert code == 0, err
     assert f"✓ 3 models at {proxy.url}: {MODEL}, llama3.2:1b, nomic-embed-text:latest" in out
     assert "✓ chat streamed 5 tokens in " in out
-    chat = [r for r in proxy.fake.requests if r.path == "/api/chat"]
+    chat = [r for r in proxy.forwarded if r.path == "/api/chat"]
     assert len(chat) == 1 and chat[0].headers["User-Agent"].startswith("ollama-python/")
-    assert [r.path for r in proxy.fake.requests] == ["/api/tags", "/api/chat"]  # via the proxy
+    assert [r.path for r in proxy.forwarded] == ["/api/tags", "/api/chat"]  # via the proxy
     records = await proxy.records(2)
     assert [r.route for r in records] == ["/api/tags", "/api/chat"]
 

@@ -47,6 +47,8 @@ async def test_a_reachable_upstream_gets_no_warning_and_no_request(
         proxy = await make_proxy()
         assert await proxy.server.app[START_CHECK].result() == []
     assert _warnings(logs) == []
-    assert proxy.fake.requests == [] and proxy.finished == []
+    assert proxy.forwarded == [] and proxy.finished == []
+    # The check itself asks nothing; the proxy's only request is its read of the model list.
+    assert {r.path for r in proxy.fake.requests} <= {"/api/tags"}
     async with proxy.session.get(proxy.url + "/api/version") as r:
         assert r.status == 200

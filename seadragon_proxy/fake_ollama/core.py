@@ -50,6 +50,7 @@ class FakeCore:
     residency: Residency | None = None  # opt-in: models load, evict and take turns (sched.go)
     models: list[str] = field(default_factory=lambda: list(MODELS))
     blobs: set[str] = field(default_factory=set)
+    tags_status: int = 200  # another status: /api/tags fails with it (a broken Ollama)
     requests: list[Seen] = field(default_factory=list)
     in_flight: int = 0
     max_in_flight: int = 0

@@ -21,6 +21,8 @@ class NativeRoutes(FakeCore):
         return json_response({"version": VERSION})
 
     async def tags(self, request: web.Request) -> web.Response:
+        if self.tags_status != 200:
+            return error(f"fake failure with status {self.tags_status}", self.tags_status)
         models = [
             {
                 "name": m,
@@ -202,6 +204,10 @@ class NativeRoutes(FakeCore):
             {"status": "writing manifest"},
             {"status": "success"},
         ]
+        name = str(doc.get("model") or doc.get("name"))
+        name = name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
+        if name not in self.models:
+            self.models.append(name)  # /api/tags lists it from now on, as Ollama's does
         if doc.get("stream", True) is False:
             return json_response({"status": "success"})
         return await self._stream(request, (go_json(s) + b"\n" for s in steps), NDJSON)

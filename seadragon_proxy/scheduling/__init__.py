@@ -3,6 +3,7 @@
 - ``ticket.py``    one request's place in line
 - ``levels.py``    the waiters of one priority level, in the order that level serves them
 - ``servers.py``   one Ollama server: slots, loaded models, learned swap costs, health
+- ``names.py``     model names as Ollama matches them (``llama3`` is ``llama3:latest``)
 - ``fairness.py``  a level shared fairly between tenants (the Virtual Token Counter)
 - ``scheduler.py`` the levels compared by (aged) priority, affinity, the dispatch loop
 """

@@ -322,11 +322,14 @@ class Scheduler:
 
     def _eligible(self, model: str | None) -> tuple[Server, ...]:
         """The servers ``model`` may go to now: the allowed ones that are up; if none is up
-        and none is only briefly down, the failing ones (so the request fails fast).
+        and none is only briefly down, the failing ones (so the request fails fast). A waiter
+        no /api/tags lists any more (deleted, or let in while a pull was under way) goes
+        where the ``models`` globs permit, for Ollama to answer: it never waits for nothing.
         Cached per model until a server's health or models change."""
         found = self._eligible_cache.get(model)
         if found is None:
             allowed = [s for s in self.servers if s.allows(model)]
+            allowed = allowed or [s for s in self.servers if s.permits(model)]
             found = tuple(s for s in allowed if s.health is Health.UP)
             if not found and not any(s.health is Health.DOWN for s in allowed):
                 found = tuple(allowed)

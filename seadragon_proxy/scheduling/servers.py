@@ -11,6 +11,7 @@ import enum
 import fnmatch
 from collections.abc import Iterable, Iterator
 
+from .names import model_key
 from .ticket import Ticket
 
 SWAP_EWMA = 0.3  # weight of the newest load_duration in the learned swap cost
@@ -54,6 +55,7 @@ class Server:
         self.patterns = tuple(models)
         self.health = Health.UP
         self.known: frozenset[str] | None = None  # its /api/tags, once read
+        self._known_keys: frozenset[str] = frozenset()  # the same, as Ollama matches names
         self.running: dict[Ticket, None] = {}
         self.busy: dict[str, int] = {}  # model -> requests in flight (absent: none)
         self.loaded: dict[str, float] = {}  # model -> last used (scheduler clock)
@@ -71,14 +73,23 @@ class Server:
 
     def allows(self, model: str | None) -> bool:
         """May this server serve ``model``: its ``models`` globs, and its /api/tags if known."""
-        if model is None or (not self.patterns and self.known is None):
+        if not self.permits(model):
+            return False
+        if model is None or self.known is None or model in self.known:
+            return True
+        if canonical(model) in self.known:
+            return True
+        key = model_key(model)  # as Ollama finds it: defaults filled in, case ignored
+        return key is None or key in self._known_keys  # a name read in doubt goes through
+
+    def permits(self, model: str | None) -> bool:
+        """Do its ``models`` globs let it serve ``model`` (whatever it has now)?"""
+        if model is None or not self.patterns:
             return True
         name = canonical(model)
-        if self.patterns and not any(
+        return any(
             fnmatch.fnmatchcase(model, p) or fnmatch.fnmatchcase(name, p) for p in self.patterns
-        ):
-            return False
-        return self.known is None or model in self.known or name in self.known
+        )
 
     @property
     def free(self) -> int:
@@ -169,6 +180,8 @@ class Server:
     def observe_known(self, models: Iterable[str] | None) -> None:
         """The models Ollama has (``/api/tags``); ``None`` = not known (all allowed)."""
         self.known = None if models is None else frozenset(models)
+        keys = (model_key(m) for m in self.known or ())
+        self._known_keys = frozenset(k for k in keys if k is not None)
 
 
 def servers_view(servers: Iterable[Server]) -> Iterator[dict[str, object]]:
