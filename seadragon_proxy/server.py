@@ -132,6 +132,8 @@ async def serve(settings: Settings, *, reuse_port: bool = False, worker: bool = 
     try:
         await stop.wait()
         loop.remove_signal_handler(signal.SIGHUP)
+        if reloads:  # a SIGHUP's reads finish first: their SQLite thread outlives no loop
+            await asyncio.gather(*reloads, return_exceptions=True)
         # The handlers for SIGTERM and SIGINT stay while stopping: a second one (systemd
         # signals every process of the unit, and `serve --workers` passes it on as well;
         # Ctrl-C reaches the whole process group) must not kill the graceful stop.
