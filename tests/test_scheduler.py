@@ -476,3 +476,21 @@ async def test_a_free_server_waits_for_a_model_loaded_elsewhere_while_that_drain
     assert later_b.state is State.RUNNING and later_b.server == "a"
     await h.finish(on_b)
     await h.finish(later_b)
+
+
+async def test_a_server_kept_free_for_a_model_elsewhere_still_serves_its_own_models_work() -> None:
+    _, h = spread_fleet(max_defer=100)
+    on_a, on_b = wants("a:1"), wants("b:1")
+    await h.enter(on_a)
+    await h.enter(on_b)
+    later_b, later_a = wants("b:1"), ticket(priority=5)
+    later_a.model = "a:1"  # a lower level (beyond the window), for the model a has loaded
+    await h.enter(later_b)
+    await h.enter(later_a)
+    await h.finish(on_a)  # a will not load b:1 (b drains it in time): a:1's work goes there
+    assert later_a.state is State.RUNNING and later_a.server == "a" and not later_a.swapped
+    assert later_b.state is State.QUEUED and later_b.passed_at == clock.t
+    await h.finish(on_b)
+    assert later_b.state is State.RUNNING and later_b.server == "b" and not later_b.swapped
+    await h.finish(later_a)
+    await h.finish(later_b)

@@ -388,7 +388,11 @@ class Scheduler:
                     continue
                 if fit is not Fit.EVICT_BUSY and self._drains_elsewhere(server, ticket, now):
                     blocked.add(ticket)  # a server with its model loaded takes it in time
-                    held.add(server)
+                    other = self._loaded_anywhere(server, blocked)
+                    if other is not None:  # no load, and ticket is not going here anyway
+                        self._grant(other, server, now)
+                    else:
+                        held.add(server)
                     continue
             if fit is Fit.EVICT_BUSY:
                 # Wait for a better fit rather than evict work in flight. Unless its model is
@@ -489,6 +493,24 @@ class Scheduler:
         deadline = (best.passed_at or now) + limit
         drain = self._waiting.get(model, 0) * self._hold_ewma / sum(s.slots for s in others)
         return now + drain < deadline and self._pass_over(best, deadline, now)
+
+    def _loaded_anywhere(self, server: Server, blocked: set[Ticket]) -> Ticket | None:
+        """The best waiter, at any level, for a model ``server`` has loaded (sub-lines only)."""
+        eligible: dict[str | None, bool] = {}
+
+        def accept(t: Ticket) -> bool:
+            if t in blocked:
+                return False
+            ok = eligible.get(t.model)
+            if ok is None:
+                ok = eligible[t.model] = server in self._eligible(t.model)
+            return ok
+
+        fits = ModelFilter(server.loaded_names(), accept)
+        while True:
+            other = self._best(fits)
+            if other is None or not self._gone(other):
+                return other
 
     def _pass_over(self, best: Ticket, deadline: float, now: float) -> bool:
         """Pass ``best`` over until ``deadline`` if that is still ahead (a dispatch then)."""
