@@ -38,7 +38,8 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-bench: install  ## nginx (Debian's) for the fleet scenarios' round-robin column, if it can be had
+bench: install  ## HAProxy and nginx (Debian's) for the C reference and round-robin columns, if they can be had
+	-./scripts/ensure-haproxy
 	-./scripts/ensure-nginx
 	$(BIN)/python -m bench
 

@@ -1,13 +1,16 @@
 """The scheduler's cost per hand-off with few and with many waiters, over a fleet.
 
     .venv/bin/python scripts/dispatch_cost.py [--servers 8] [--models 20] [--handoffs 4000]
+                                              [--level fifo|fair] [--tenants 1]
 
 No HTTP: one ``Scheduler`` with ``--servers`` servers (2 slots, 3 loaded models each) and
 waiters for ``--models`` models over four priority levels. The queue is kept at N waiters
 (a new one joins after each hand-off) and the time of ``Slot.release()`` is measured: that
 call frees the slot and runs the dispatch that picks the next waiter and its server. The
 figure is the median over ``--handoffs`` hand-offs, for N = 10 and N = 10 000, with
-affinity off and on; the ratio is what docs/performance.md quotes.
+affinity off and on; the ratio is what docs/performance.md quotes. ``--level fair`` gives
+every level a ``FairLevel`` (as the proxy does) with waiters spread over ``--tenants``
+tenants; ``fifo`` (the default) a ``FifoLevel``.
 """
 
 from __future__ import annotations
@@ -19,10 +22,36 @@ import random
 import statistics
 import time
 
-from seadragon_proxy.scheduling import Affinity, Scheduler, Server, Slot, Ticket
+from seadragon_proxy.scheduling import (
+    Affinity,
+    FairLevel,
+    FifoLevel,
+    LevelQueue,
+    Scheduler,
+    Server,
+    Slot,
+    Ticket,
+)
 
 
-async def measure(waiters: int, servers: int, models: int, handoffs: int, affinity: bool) -> float:
+def _fair(priority: int) -> LevelQueue:
+    return FairLevel()
+
+
+def _fifo(priority: int) -> LevelQueue:
+    return FifoLevel()
+
+
+async def measure(
+    waiters: int,
+    servers: int,
+    models: int,
+    handoffs: int,
+    affinity: bool,
+    *,
+    fair: bool = False,
+    tenants: int = 1,
+) -> float:
     rng = random.Random(8)  # noqa: S311 - a reproducible mix, not a secret
     names = [f"model-{i}" for i in range(models)]
     fleet = [Server(f"gpu-{i}", 2, max_loaded=3) for i in range(servers)]
@@ -32,6 +61,7 @@ async def measure(waiters: int, servers: int, models: int, handoffs: int, affini
         max_size=waiters + 100,
         servers=fleet,
         affinity=Affinity(window=1, max_defer=120, min_residency=20) if affinity else None,
+        level_factory=_fair if fair else _fifo,
     )
     slots: list[Slot] = []
     count = 0
@@ -46,6 +76,7 @@ async def measure(waiters: int, servers: int, models: int, handoffs: int, affini
             path="/api/chat",
             model=rng.choice(names),
             client_ip="127.0.0.1",
+            tenant=f"tenant-{rng.randrange(tenants)}" if fair else None,
         )
 
         async def run() -> None:
@@ -85,11 +116,18 @@ def main() -> None:
     parser.add_argument("--servers", type=int, default=8)
     parser.add_argument("--models", type=int, default=20)
     parser.add_argument("--handoffs", type=int, default=4000)
+    parser.add_argument("--level", choices=("fifo", "fair"), default="fifo")
+    parser.add_argument("--tenants", type=int, default=1)
     args = parser.parse_args()
-    print(f"{args.servers} servers, {args.models} models, median of {args.handoffs} hand-offs")
+    print(
+        f"{args.servers} servers, {args.models} models, {args.level} levels, "
+        f"{args.tenants} tenant(s), median of {args.handoffs} hand-offs"
+    )
+    fair = args.level == "fair"
     for affinity in (False, True):
-        small = asyncio.run(measure(10, args.servers, args.models, args.handoffs, affinity))
-        large = asyncio.run(measure(10_000, args.servers, args.models, args.handoffs, affinity))
+        sizes = (args.servers, args.models, args.handoffs, affinity)
+        small = asyncio.run(measure(10, *sizes, fair=fair, tenants=args.tenants))
+        large = asyncio.run(measure(10_000, *sizes, fair=fair, tenants=args.tenants))
         print(
             f"affinity {'on ' if affinity else 'off'}: 10 waiters {small * 1e6:7.1f} µs, "
             f"10 000 waiters {large * 1e6:7.1f} µs, ratio {large / small:.2f}"

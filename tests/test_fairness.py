@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from seadragon_proxy.scheduling import FairLevel, FifoLevel, Ticket
+from seadragon_proxy.scheduling.levels import ModelFilter
 
 _seq = itertools.count(1)
 
@@ -137,6 +138,29 @@ def test_head_with_a_filter_is_the_least_counter_tenant_that_has_a_servable_wait
     level.pop(a)
     level.push(ticket("a"))
     assert level.head(lambda t: t.model == "y") is b_y  # b before c (older head), b's first y
+
+
+def test_a_model_filter_looks_at_the_models_sub_lines_only() -> None:
+    level = FairLevel()
+    a_x, a_y, b_y, b_z = ticket("a"), ticket("a"), ticket("b"), ticket("b")
+    a_y.model, b_y.model, b_z.model = "y", "y", "z"
+    for t in (a_x, a_y, b_y, b_z):
+        level.push(t)
+    asked: list[Ticket] = []
+
+    def accept(t: Ticket) -> bool:
+        asked.append(t)
+        return t is not a_y
+
+    assert level.head(ModelFilter({"y", "z"}, accept)) is b_y  # a's y refused: b's first y
+    assert a_x not in asked  # model x is not looked at
+    level.discard(b_y)
+    assert level.head(ModelFilter({"y", "z"}, accept)) is b_z
+    level.pop(a_x)
+    level.discard(a_y)
+    level.push(a_y)  # coming back: its old place, in its model's sub-line too
+    assert level.head(ModelFilter({"y"}, lambda t: True)) is a_y
+    assert set(level) == {a_y, b_z}
 
 
 def test_try_start_charges_and_honours_the_cap() -> None:

@@ -422,6 +422,43 @@ async def test_alternating_batch_and_coding_work_loads_three_times(
     assert fleet.fakes["a"].loads == 3  # A, then B for the coding work, then A again
 
 
+@pytest.mark.parametrize("affinity", [False, True])
+async def test_two_servers_spread_two_models_rather_than_both_swapping(
+    make_fleet: FleetFactory, affinity: bool
+) -> None:
+    """Bench scenario 8 in order only: both empty servers load A for the first two jobs
+    (nobody else waits yet), then A A B B ... wait. With affinity the first server to free
+    takes B (no server has it) rather than more A, which the other server has: 3 loads,
+    one model per server from then on. Without affinity: the arrival order exactly."""
+    servers = [{"name": "a", "max_loaded_models": 1}, {"name": "b", "max_loaded_models": 1}]
+    fleet = await make_fleet(servers, AFFINITY if affinity else None)
+    first = [
+        asyncio.create_task(fleet.generate(f"gate:{gate}", model=A, source="scripts"))
+        for gate in ("one", "two")
+    ]
+    await fleet.proxy.watch.until(lambda: fleet.scheduler.in_flight == 2)
+    assert fleet.server("a").has_loaded(A) and fleet.server("b").has_loaded(A)
+    models = [B, B, A, A, B, B, A, A, B, B]
+    tasks = []
+    for i, model in enumerate(models, start=1):
+        tasks.append(asyncio.create_task(fleet.generate("hi", model=model, source="scripts")))
+        await fleet.proxy.watch.queued(i)
+    fleet.release("one")  # a frees first: it is the one to take B
+    await fleet.proxy.watch.until(lambda: len(started(fleet)) == 3)
+    fleet.release("two")
+    results = await asyncio.gather(*first, *tasks)
+    assert all(status == 200 for status, *_ in results)
+    later = started(fleet)[2:]
+    loads = fleet.fakes["a"].loads + fleet.fakes["b"].loads
+    if not affinity:
+        assert [t.model for t in later] == models
+        return
+    assert later[0].model == B and later[0].server == "a" and later[0].passed_at == 0
+    assert {t.server for t in later if t.model == B} == {"a"}
+    assert {t.server for t in later if t.model == A} == {"b"}
+    assert loads == 3  # A twice, then B once: 4 when both servers swap to B
+
+
 def test_the_upstream_flag_replaces_the_fleet_with_one_server() -> None:
     config = merge(BASE_CONFIG, {"upstreams": [{"name": "a", "url": "http://10.0.0.5:11434"}]})
     config["upstream"].pop("slots")

@@ -372,3 +372,125 @@ async def test_min_residency_keeps_a_fresh_model_preferred_when_swaps_are_cheap(
     # a:1 was loaded at first.started_at and keeps preference for 5 s from then.
     assert timer.when() == pytest.approx(first.started_at + 5, abs=0.01)
     await h.finish(loaded)
+
+
+def spread_fleet(max_defer: float = 100.0, affinity: bool = True) -> tuple[Scheduler, Harness]:
+    servers = [Server("a", 1, max_loaded=1), Server("b", 1, max_loaded=1)]
+    on = Affinity(window=0, max_defer=max_defer) if affinity else None
+    s = Scheduler(max_size=20, servers=servers, affinity=on, clock=clock.now)
+    return s, Harness(s)
+
+
+class Clock:
+    """The scheduler's clock, moved by hand (the deadlines, not the timers, are checked)."""
+
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def now(self) -> float:
+        return self.t
+
+
+clock = Clock()
+
+
+def wants(model: str) -> Ticket:
+    t = ticket()
+    t.model = model
+    return t
+
+
+@pytest.mark.parametrize("affinity", [False, True])
+async def test_a_free_server_loads_a_model_nobody_has_rather_than_a_second_copy(
+    affinity: bool,
+) -> None:
+    _, h = spread_fleet(affinity=affinity)
+    on_a, on_b = wants("a:1"), wants("c:1")
+    await h.enter(on_a)
+    await h.enter(on_b)
+    assert (on_a.server, on_b.server) == ("a", "b")
+    second_a, first_b = wants("a:1"), wants("b:1")
+    await h.enter(second_a)
+    await h.enter(first_b)
+    await h.finish(on_b)  # b frees: a:1 is on a, b:1 is nowhere
+    if not affinity:
+        assert second_a.state is State.RUNNING and second_a.server == "b"  # Part 1 order
+        return
+    assert first_b.state is State.RUNNING and first_b.server == "b"
+    assert second_a.state is State.QUEUED and second_a.passed_at == clock.t
+    timer = second_a._defer_timer
+    assert timer is not None
+    assert timer.when() - asyncio.get_running_loop().time() <= 100.0
+    await h.finish(on_a)
+    assert second_a.state is State.RUNNING and second_a.server == "a"
+    assert not second_a.swapped  # served where its model was loaded: no second copy
+
+
+async def test_the_spread_passes_over_a_waiter_no_longer_than_max_defer() -> None:
+    _, h = spread_fleet(max_defer=5)
+    on_a, on_b = wants("a:1"), wants("c:1")
+    await h.enter(on_a)
+    await h.enter(on_b)
+    passed, first_b, first_d = wants("a:1"), wants("b:1"), wants("d:1")
+    for t in (passed, first_b, first_d):
+        await h.enter(t)
+    await h.finish(on_b)
+    assert first_b.server == "b" and passed.passed_at == clock.t
+    clock.t += 5  # max_defer is up: d:1 (loaded nowhere) no longer goes first
+    await h.finish(first_b)
+    assert passed.state is State.RUNNING and passed.server == "b"
+    assert first_d.state is State.QUEUED
+
+
+async def test_servers_keep_one_model_each_when_the_first_two_jobs_loaded_the_same() -> None:
+    s, h = spread_fleet()
+    one, two = wants("a:1"), wants("a:1")
+    await h.enter(one)
+    await h.enter(two)
+    assert {one.server, two.server} == {"a", "b"}  # nobody else waited: both load a:1
+    line = [wants(m) for m in ("b:1", "b:1", "a:1", "a:1")]
+    for t in line:
+        await h.enter(t)
+    await h.finish(one)  # a frees: a:1 is also on b, b:1 is nowhere: the spread takes b:1
+    assert line[0].state is State.RUNNING and line[0].server == one.server
+    await h.finish(two)  # b keeps a:1 (a has b:1 now): loaded work
+    assert line[2].state is State.RUNNING and line[2].server == two.server
+    await h.finish(line[0])
+    await h.finish(line[2])
+    assert line[1].server == one.server and line[3].server == two.server
+    assert sum(x.swaps for x in s.servers) == 3
+
+
+async def test_a_free_server_waits_for_a_model_loaded_elsewhere_while_that_drains_in_time() -> None:
+    s, h = spread_fleet(max_defer=100)
+    on_a, on_b = wants("a:1"), wants("b:1")
+    await h.enter(on_a)
+    await h.enter(on_b)
+    later_b = wants("b:1")
+    await h.enter(later_b)
+    await h.finish(on_a)  # a frees; its only waiter's model is loaded (busy) on b
+    assert later_b.state is State.QUEUED and later_b.passed_at == clock.t
+    assert s.server("a").free == 1
+    clock.t += 100  # max_defer is up: a loads b:1 after all
+    s.refresh()
+    assert later_b.state is State.RUNNING and later_b.server == "a"
+    await h.finish(on_b)
+    await h.finish(later_b)
+
+
+async def test_a_server_kept_free_for_a_model_elsewhere_still_serves_its_own_models_work() -> None:
+    _, h = spread_fleet(max_defer=100)
+    on_a, on_b = wants("a:1"), wants("b:1")
+    await h.enter(on_a)
+    await h.enter(on_b)
+    later_b, later_a = wants("b:1"), ticket(priority=5)
+    later_a.model = "a:1"  # a lower level (beyond the window), for the model a has loaded
+    await h.enter(later_b)
+    await h.enter(later_a)
+    await h.finish(on_a)  # a will not load b:1 (b drains it in time): a:1's work goes there
+    assert later_a.state is State.RUNNING and later_a.server == "a" and not later_a.swapped
+    assert later_b.state is State.QUEUED and later_b.passed_at == clock.t
+    await h.finish(on_b)
+    assert later_b.state is State.RUNNING and later_b.server == "b" and not later_b.swapped
+    await h.finish(later_a)
+    await h.finish(later_b)

@@ -38,7 +38,7 @@ from ..context import Bench
 from ..report import Row
 from ..targets import Target
 
-NAME = "7 fair shares"
+NAME = "10 fair shares"
 L_INPUT, L_OUTPUT, W_OUTPUT = 256, 512, 2.0
 BOUND = 2 * (L_INPUT + W_OUTPUT * L_OUTPUT)
 SEED = 7

@@ -12,7 +12,9 @@ Backlogged tenants sit in a heap keyed by (counter, seq of their oldest waiter),
 deletion: a tenant whose counter or head changed pushes a fresh entry and the old one is
 skipped when it surfaces. ``head()`` is O(1) amortised whatever the number of tenants.
 A filter (``servable``, or a tenant at its ``max_in_flight``) walks the heap in order
-without popping it, so a capped tenant never blocks the next one. No aiohttp here.
+without popping it, so a capped tenant never blocks the next one. Each tenant also keeps a
+sub-line per model (as ``FifoLevel`` does), so a ``ModelFilter`` (affinity's search for
+loaded-model work) looks at those models' waiters only. No aiohttp here.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from .levels import Servable
+from .levels import ModelFilter, Servable
 from .ticket import Ticket
 
 _Entry = tuple[float, int, int, str]  # (counter, head seq, version, tenant)
@@ -36,6 +38,38 @@ class _Tenant:
     version: int = 0
     in_flight: int = 0
     line: OrderedDict[Ticket, None] = field(default_factory=OrderedDict)
+    models: dict[str | None, OrderedDict[Ticket, None]] = field(default_factory=dict)
+
+    def add(self, ticket: Ticket) -> bool:
+        """Into its place by ``seq`` (a returning ticket goes back to its old one); returns
+        whether it went before others."""
+        moved = False
+        for line in (self.line, self.models.setdefault(ticket.model, OrderedDict())):
+            last = next(reversed(line), None)
+            line[ticket] = None
+            if last is not None and last.seq > ticket.seq:
+                moved = True
+                for other in [t for t in line if t.seq > ticket.seq]:
+                    line.move_to_end(other)
+        return moved
+
+    def remove(self, ticket: Ticket) -> None:
+        del self.line[ticket]
+        sub = self.models[ticket.model]
+        del sub[ticket]
+        if not sub:
+            del self.models[ticket.model]
+
+    def first(self, servable: Servable) -> Ticket | None:
+        """Its oldest waiter ``servable`` accepts."""
+        if isinstance(servable, ModelFilter):
+            found = (
+                next((t for t in sub if servable.accept(t)), None)
+                for model in servable.models
+                if (sub := self.models.get(model))
+            )
+            return min((t for t in found if t is not None), key=lambda t: t.seq, default=None)
+        return next((t for t in self.line if servable(t)), None)
 
     def capped(self) -> bool:
         if not self.line:
@@ -106,13 +140,7 @@ class FairLevel:
         idle = not record.line
         if idle:  # it becomes backlogged: no credit for having been idle
             record.counter = max(record.counter, self._least_backlogged())
-        line = record.line
-        last = next(reversed(line), None)
-        line[ticket] = None
-        moved = last is not None and last.seq > ticket.seq
-        if moved:  # a returning ticket: back to its old place
-            for other in [t for t in line if t.seq > ticket.seq]:
-                line.move_to_end(other)
+        moved = record.add(ticket)  # a returning ticket goes back to its old place
         self._queued += 1
         if idle or moved:  # otherwise neither its counter nor its head changed
             self._enter(record)
@@ -122,7 +150,7 @@ class FairLevel:
         if record is None or ticket not in record.line:
             return
         first = next(iter(record.line)) is ticket
-        del record.line[ticket]
+        record.remove(ticket)
         self._queued -= 1
         if first:
             self._enter(record)
@@ -146,7 +174,7 @@ class FairLevel:
 
     def pop(self, ticket: Ticket) -> None:
         record = self._tenants[tenant_of(ticket)]
-        del record.line[ticket]
+        record.remove(ticket)
         self._queued -= 1
         self._floor = max(self._floor, record.counter)
         self._charge(record, ticket)
@@ -246,7 +274,7 @@ class FairLevel:
                 continue
             if servable is None:
                 return next(iter(record.line))
-            found = next((t for t in record.line if servable(t)), None)
+            found = record.first(servable)
             if found is not None:
                 return found
         return None

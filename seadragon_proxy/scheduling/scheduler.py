@@ -141,6 +141,7 @@ class Scheduler:
         self._clock = clock
         self._levels: dict[int, LevelQueue] = {}
         self._queued = 0
+        self._waiting: dict[str | None, int] = {}  # model -> how many wait for it
         self._running: dict[Ticket, None] = {}  # insertion-ordered set
         self._seq = itertools.count(1)
         self._paused = False
@@ -270,6 +271,7 @@ class Scheduler:
         ticket.state = State.QUEUED
         self._level(ticket.priority).push(ticket)
         self._queued += 1
+        self._waiting[ticket.model] = self._waiting.get(ticket.model, 0) + 1
         if ticket.deadline != math.inf:
             ticket._timer = loop.call_at(ticket.deadline, self._expire, ticket)
         self._emit("queued", ticket)
@@ -386,10 +388,18 @@ class Scheduler:
                 continue
             server = candidates[0] if len(candidates) == 1 else self._choose(ticket, candidates)
             fit = server.fit(ticket.model)
-            if fit >= Fit.EVICT_IDLE and self._affinity.on:
-                other = self._loaded_work(server, ticket, now, blocked)
+            if fit is not Fit.LOADED and self._affinity.on:
+                other = self._affine(server, ticket, fit, now, blocked)
                 if other is not None:
                     self._grant(other, server, now)
+                    continue
+                if fit is not Fit.EVICT_BUSY and self._drains_elsewhere(server, ticket, now):
+                    blocked.add(ticket)  # a server with its model loaded takes it in time
+                    other = self._loaded_anywhere(server, blocked)
+                    if other is not None:  # no load, and ticket is not going here anyway
+                        self._grant(other, server, now)
+                    else:
+                        held.add(server)
                     continue
             if fit is Fit.EVICT_BUSY:
                 # Wait for a better fit rather than evict work in flight. Unless its model is
@@ -413,6 +423,114 @@ class Scheduler:
             self._drop(ticket)
             return True
         return False
+
+    def _affine(
+        self, server: Server, best: Ticket, fit: Fit, now: float, blocked: set[Ticket]
+    ) -> Ticket | None:
+        """Affinity's choice for ``server`` instead of ``best`` (whose model it has not
+        loaded), if any. First loaded-model work (no load at all). Then the spread: if what
+        ``server`` would serve — ``best`` to load, or that loaded-model work — is for a model
+        another server that may serve it has loaded (or is loading), and a waiter within the
+        window wants a model no server has, that waiter (perhaps ``best`` itself), so that
+        two servers do not hold the same model while another one waits for any."""
+        passed_at = best.passed_at
+        other = self._loaded_work(server, best, now, blocked) if fit >= Fit.EVICT_IDLE else None
+        goes = best if other is None else other
+        if fit is Fit.EVICT_BUSY or not self._elsewhere(goes.model, server):
+            return other
+        spread = self._spread(server, best, now, blocked)
+        if spread is best:
+            best.passed_at = passed_at  # it goes now: it was not passed over after all
+        return other if spread is None else spread
+
+    def _elsewhere(self, model: str | None, server: Server) -> bool:
+        """Has a server other than ``server`` that may serve ``model`` it loaded (or loading)?"""
+        return model is not None and any(
+            s is not server and s.has_loaded(model) for s in self._eligible(model)
+        )
+
+    def _spread(
+        self, server: Server, best: Ticket, now: float, blocked: set[Ticket]
+    ) -> Ticket | None:
+        """The best waiter within ``window`` levels of ``best`` that ``server`` may serve and
+        whose model no server has loaded; ``best`` is then passed over, for at most
+        ``max_defer``. Looks only at the sub-lines of models nobody has loaded."""
+        loaded: set[str] = set()
+        for s in self.servers:
+            loaded.update(s.loaded)
+        models = [
+            m
+            for m in self._waiting
+            if m is not None and canonical(m) not in loaded and server in self._eligible(m)
+        ]
+        if not models:
+            return None
+        window = self._affinity.window
+
+        def accept(t: Ticket) -> bool:
+            return t.key - best.key <= window and t not in blocked
+
+        fits = ModelFilter(models, accept)
+        while True:
+            found = self._best(fits, below=best.key + window)
+            if found is None or not self._gone(found):
+                break
+        if found is None or found is best:
+            return found
+        deadline = (best.passed_at or now) + self._affinity.max_defer
+        return found if self._pass_over(best, deadline, now) else None
+
+    def _drains_elsewhere(self, server: Server, best: Ticket, now: float) -> bool:
+        """Should ``server`` stay free rather than load ``best``'s model, which other servers
+        that may serve it have loaded? Yes if they will have served every waiter for it (at
+        the mean hold time) before ``best``'s deadline: ``DEFER_PER_SWAP_SECOND`` times the
+        load avoided (unknown: ``max_defer``), at most ``max_defer`` from when it was first
+        passed over. ``best`` is then passed over until that deadline."""
+        model = best.model
+        if model is None:
+            return False
+        others = [s for s in self._eligible(model) if s is not server and s.has_loaded(model)]
+        if not others:
+            return False
+        cost = server.cost(model)
+        if cost is None:
+            cost = next((c for s in others if (c := s.cost(model)) is not None), None)
+        a = self._affinity
+        limit = a.max_defer if cost is None else min(a.max_defer, DEFER_PER_SWAP_SECOND * cost)
+        deadline = (best.passed_at or now) + limit
+        drain = self._waiting.get(model, 0) * self._hold_ewma / sum(s.slots for s in others)
+        return now + drain < deadline and self._pass_over(best, deadline, now)
+
+    def _loaded_anywhere(self, server: Server, blocked: set[Ticket]) -> Ticket | None:
+        """The best waiter, at any level, for a model ``server`` has loaded (sub-lines only)."""
+        eligible: dict[str | None, bool] = {}
+
+        def accept(t: Ticket) -> bool:
+            if t in blocked:
+                return False
+            ok = eligible.get(t.model)
+            if ok is None:
+                ok = eligible[t.model] = server in self._eligible(t.model)
+            return ok
+
+        fits = ModelFilter(server.loaded_names(), accept)
+        while True:
+            other = self._best(fits)
+            if other is None or not self._gone(other):
+                return other
+
+    def _pass_over(self, best: Ticket, deadline: float, now: float) -> bool:
+        """Pass ``best`` over until ``deadline`` if that is still ahead (a dispatch then)."""
+        if now >= deadline:
+            return False
+        best.passed_at = best.passed_at or now
+        timer = best._defer_timer
+        if timer is None or timer.when() > deadline:
+            if timer is not None:
+                timer.cancel()
+            loop = asyncio.get_running_loop()
+            best._defer_timer = loop.call_later(max(0.0, deadline - now), self._dispatch)
+        return True
 
     def _loaded_work(
         self, server: Server, best: Ticket, now: float, blocked: set[Ticket]
@@ -439,16 +557,7 @@ class Scheduler:
             return None
         passed_at = best.passed_at or now
         deadline = passed_at + self._defer_limit(server, best, other, passed_at)
-        if now >= deadline:
-            return None
-        best.passed_at = passed_at
-        timer = best._defer_timer
-        if timer is None or timer.when() > deadline:
-            if timer is not None:
-                timer.cancel()
-            loop = asyncio.get_running_loop()
-            best._defer_timer = loop.call_later(max(0.0, deadline - now), self._dispatch)
-        return other
+        return other if self._pass_over(best, deadline, now) else None
 
     def _defer_limit(self, server: Server, best: Ticket, other: Ticket, passed_at: float) -> float:
         """How long ``best`` may be passed over on ``server``: ``DEFER_PER_SWAP_SECOND`` times
@@ -468,13 +577,21 @@ class Scheduler:
 
     def _grant(self, ticket: Ticket, server: Server, now: float) -> None:
         self._levels[ticket.priority].pop(ticket)
-        self._queued -= 1
+        self._leave(ticket)
         self._cancel_timer(ticket)
         self._start(ticket, server, now)
         waiter = ticket._waiter
         assert waiter is not None
         waiter.set_result(None)
         ticket._waiter = None
+
+    def _leave(self, ticket: Ticket) -> None:
+        self._queued -= 1
+        count = self._waiting[ticket.model] - 1
+        if count:
+            self._waiting[ticket.model] = count
+        else:
+            del self._waiting[ticket.model]
 
     def _finish(self, ticket: Ticket, tokens: float | None = None) -> None:
         if ticket.state is not State.RUNNING:
@@ -495,7 +612,7 @@ class Scheduler:
         """Take a queued ticket out of line; fail its waiter with ``error`` if given."""
         ticket.state = State.DONE
         self._levels[ticket.priority].discard(ticket)
-        self._queued -= 1
+        self._leave(ticket)
         self._cancel_timer(ticket)
         waiter, ticket._waiter = ticket._waiter, None
         if error is not None and waiter is not None and not waiter.done():
