@@ -41,6 +41,13 @@ def main() -> None:
     )
     group.add_argument("--default-load", type=float, default=0.0, metavar="SECONDS")
     group.add_argument("--job", type=float, default=0.0, metavar="SECONDS", help="work per request")
+    group.add_argument(
+        "--context-length",
+        type=int,
+        default=4096,
+        metavar="N",
+        help="num_ctx of a request that sets none (OLLAMA_CONTEXT_LENGTH)",
+    )
     args = parser.parse_args()
     residency = None
     if args.residency:
@@ -51,6 +58,7 @@ def main() -> None:
                 load_cost=dict(args.load_cost),
                 default_load=args.default_load,
                 job=args.job,
+                context_length=args.context_length,
             )
         except ValueError as e:
             parser.error(str(e))
