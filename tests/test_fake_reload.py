@@ -217,3 +217,61 @@ async def test_with_a_pin_both_clients_send_8192_and_the_model_loads_once(
     assert res(fake).loads == {MODEL: 1} and res(fake).reloads == {}
     [(_, began, ended)] = res(fake).load_log
     assert ended - began >= LOAD
+
+
+async def started(residency: Residency) -> AsyncIterator[FakeOllama]:
+    fake = FakeOllama(residency=residency)
+    await fake.start()
+    try:
+        yield fake
+    finally:
+        for gate in fake._gates.values():
+            gate.set()
+        await fake.stop()
+
+
+async def test_with_the_fast_path_a_matching_request_jumps_the_waiting_reload() -> None:
+    """Ollama 0.11.5+: a request the loaded runner suits takes it at once, though a reload
+    of that model is waiting; the reload then waits for that request too."""
+    r = Residency(num_parallel=2, load_cost={MODEL: LOAD}, fast_path=True)
+    async for fake in started(r):
+        async with aiohttp.ClientSession() as s:
+            busy = asyncio.create_task(generate(s, fake, "gate:busy", num_ctx=4096))
+            await fake.wait_until(lambda: r.running == 1)
+            other = asyncio.create_task(generate(s, fake, "hi", num_ctx=32768))
+            await fake.wait_until(lambda: r.loaded[MODEL].keep_alive == 0)
+            jumper = asyncio.create_task(generate(s, fake, "gate:jump", num_ctx=4096))
+            await fake.wait_until(lambda: r.running == 2)  # past the waiting reload
+            fake.gate("busy").set()
+            await busy
+            assert r.loads == {MODEL: 1} and r.loaded[MODEL].refs == 1 and not other.done()
+            fake.gate("jump").set()
+            jumped, reloaded = await jumper, await other
+        assert jumped["load_duration"] == 1_000_000 and reloaded["load_duration"] >= LOAD * 1e9
+        assert r.loads == {MODEL: 2} and r.reloads == {MODEL: 1}
+        assert fake.inference[1].finished > fake.inference[2].finished  # the reload ended last
+
+
+async def test_with_the_fast_path_a_keep_alive_cancels_the_eviction_mark() -> None:
+    """A request that jumps the line with a ``keep_alive`` resets the marked model's
+    keep-alive (``useLoadedRunner``): the model waiting for room waits for it to run out."""
+    small = "llama3.2:1b"
+    r = Residency(num_parallel=2, fast_path=True)
+    async for fake in started(r):
+        async with aiohttp.ClientSession() as s:
+            busy = asyncio.create_task(generate(s, fake, "gate:busy"))
+            await fake.wait_until(lambda: r.running == 1)
+            body = {"model": small, "prompt": "hi", "stream": False}
+            waiting = asyncio.create_task(s.post(fake.url + "/api/generate", json=body))
+            await fake.wait_until(lambda: r.loaded[MODEL].keep_alive == 0)
+            jump = {"model": MODEL, "prompt": "jump", "stream": False, "keep_alive": 0.3}
+            async with s.post(fake.url + "/api/generate", json=jump) as r_jump:
+                assert r_jump.status == 200  # answered at once, past the waiting load
+            fake.gate("busy").set()
+            await busy
+            async with await waiting as response:
+                assert response.status == 200
+        idle_from = fake.inference[0].finished
+        [(_, _, _), (model, began, _)] = r.load_log
+        assert model == small and began - idle_from >= 0.25  # 0.3 s, less clock slack
+        assert r.unloads == {MODEL: 1}

@@ -48,6 +48,11 @@ def main() -> None:
         metavar="N",
         help="num_ctx of a request that sets none (OLLAMA_CONTEXT_LENGTH)",
     )
+    group.add_argument(
+        "--fast-path",
+        action="store_true",
+        help="a loaded model that needs no reload skips Ollama's queue (Ollama 0.11.5+)",
+    )
     args = parser.parse_args()
     residency = None
     if args.residency:
@@ -59,6 +64,7 @@ def main() -> None:
                 default_load=args.default_load,
                 job=args.job,
                 context_length=args.context_length,
+                fast_path=args.fast_path,
             )
         except ValueError as e:
             parser.error(str(e))

@@ -5,7 +5,12 @@ it always did. With it, every inference request goes through one scheduler:
 
 - Requests are scheduled one at a time in arrival order (``processPending``): while the
   head request loads a model, or waits for a model to be evicted, every request behind
-  it waits too, even one for a model that is loaded (head-of-line, as Ollama does).
+  it waits too, even one for a model that is loaded (head-of-line, as Ollama did before
+  0.11.5). ``fast_path=True`` is Ollama 0.11.5 and later (``GetRunner``, commit d5a0d8d):
+  a request for a loaded model that needs no reload takes it at once, past the line, even
+  while that model is marked to be evicted or reloaded — so the waiting request waits for
+  it too, and a ``keep_alive`` it carries cancels the mark (the waiter then waits for
+  that keep-alive to run out).
 - A loaded model has ``num_parallel`` slots; requests beyond them wait in FIFO order (the
   runner's semaphore).
 - At most ``max_loaded_models`` are loaded. A new model evicts one (``findRunnerToUnload``:
@@ -146,6 +151,7 @@ class Residency:
     job: float = 0.0
     keep_alive: float | None = DEFAULT_KEEP_ALIVE
     context_length: int = DEFAULT_CONTEXT_LENGTH  # OLLAMA_CONTEXT_LENGTH: num_ctx when unset
+    fast_path: bool = False  # Ollama >= 0.11.5's GetRunner: a usable loaded model skips the line
     loads: Counter[str] = field(default_factory=Counter)
     reloads: Counter[str] = field(default_factory=Counter)
     unloads: Counter[str] = field(default_factory=Counter)
@@ -209,6 +215,10 @@ class Residency:
     async def _schedule(
         self, model: str, keep_alive: float | str | None, wanted: RunnerOptions
     ) -> tuple[Runner, int]:
+        runner = self.loaded.get(model)
+        if self.fast_path and runner is not None and not runner.options.needs_reload(wanted):
+            self._take(runner, keep_alive)  # GetRunner's shortcut: past the pending queue
+            return runner, WARM_LOAD_NS
         async with self._pending:  # one pending request at a time, in arrival order
             reloading = False
             while True:
