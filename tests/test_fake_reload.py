@@ -275,3 +275,18 @@ async def test_with_the_fast_path_a_keep_alive_cancels_the_eviction_mark() -> No
         [(_, _, _), (model, began, _)] = r.load_log
         assert model == small and began - idle_from >= 0.25  # 0.3 s, less clock slack
         assert r.unloads == {MODEL: 1}
+
+
+async def test_the_openai_routes_are_not_pinned_and_reload_a_pinned_model(
+    make_proxy: ProxyFactory,
+) -> None:
+    """As the cookbook warns: ``/v1/*`` carries no Ollama options, so it asks for the
+    default context and reloads the model the pin loaded with 8192."""
+    proxy = await make_proxy({"defaults": [PIN]})
+    status, _ = await proxy.generate("native", "chat")
+    assert status == 200
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+    async with await proxy.post("/v1/chat/completions", body, **{"X-Test-Source": "chat"}) as r:
+        assert r.status == 200
+        await r.read()
+    assert res(proxy.fake).loads == {MODEL: 2} and res(proxy.fake).reloads == {MODEL: 1}
