@@ -18,7 +18,7 @@ import pytest
 from seadragon_proxy.fake_ollama import FakeOllama
 from seadragon_proxy.fake_ollama.residency import BadOption, Residency, RunnerOptions
 
-from .conftest import MODEL, ProxyFactory
+from .conftest import MODEL, ProxyFactory, free_port
 
 LOAD = 0.05  # seconds the big model takes to load, here
 PIN = {"match": {"model": "llama3:70b*"}, "force": {"options": {"num_ctx": 8192}}}
@@ -290,3 +290,28 @@ async def test_the_openai_routes_are_not_pinned_and_reload_a_pinned_model(
         assert r.status == 200
         await r.read()
     assert res(proxy.fake).loads == {MODEL: 2} and res(proxy.fake).reloads == {MODEL: 1}
+
+
+async def test_the_cli_sets_the_default_context_length() -> None:
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "seadragon_proxy.fake_ollama",
+        *("--port", str(port), "--residency", "--context-length", "8192", "--fast-path"),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert process.stdout is not None
+        async with asyncio.timeout(30):
+            assert b"listening" in await process.stdout.readline()
+        url = f"http://127.0.0.1:{port}"
+        async with aiohttp.ClientSession() as s:
+            body = {"model": MODEL, "prompt": "hi", "stream": False}
+            async with s.post(url + "/api/generate", json=body) as r:
+                assert r.status == 200
+            async with s.get(url + "/api/ps") as r:
+                assert [m["context_length"] for m in (await r.json())["models"]] == [8192]
+    finally:
+        process.terminate()
+        await process.wait()
