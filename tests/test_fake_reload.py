@@ -24,15 +24,22 @@ LOAD = 0.05  # seconds the big model takes to load, here
 PIN = {"match": {"model": "llama3:70b*"}, "force": {"options": {"num_ctx": 8192}}}
 
 
+async def started(residency: Residency) -> AsyncIterator[FakeOllama]:
+    fake = FakeOllama(residency=residency)
+    await fake.start()
+    try:
+        yield fake
+    finally:
+        for gate in list(fake._gates.values()):
+            gate.set()
+        await fake.stop()
+
+
 @pytest.fixture
 async def fake() -> AsyncIterator[FakeOllama]:
     """Overrides conftest's: the proxy (``make_proxy``) stands in front of this one."""
-    fake = FakeOllama(residency=Residency(num_parallel=2, load_cost={MODEL: LOAD}))
-    await fake.start()
-    yield fake
-    for gate in list(fake._gates.values()):
-        gate.set()
-    await fake.stop()
+    async for fake in started(Residency(num_parallel=2, load_cost={MODEL: LOAD})):
+        yield fake
 
 
 def res(fake: FakeOllama) -> Residency:
@@ -173,16 +180,12 @@ def test_runner_options_and_settings() -> None:
 async def test_the_default_context_length_is_ollamas_setting() -> None:
     """``OLLAMA_CONTEXT_LENGTH=8192`` (``context_length``): unset and 8192 are the same."""
     residency = Residency(context_length=8192)
-    fake = FakeOllama(residency=residency)
-    await fake.start()
-    try:
+    async for fake in started(residency):
         async with aiohttp.ClientSession() as s:
             await generate(s, fake)
             await generate(s, fake, num_ctx=8192)
             assert residency.reloads == {}
             await generate(s, fake, num_ctx=4096)
-    finally:
-        await fake.stop()
     assert residency.reloads == {MODEL: 1}
 
 
@@ -217,17 +220,6 @@ async def test_with_a_pin_both_clients_send_8192_and_the_model_loads_once(
     assert res(fake).loads == {MODEL: 1} and res(fake).reloads == {}
     [(_, began, ended)] = res(fake).load_log
     assert ended - began >= LOAD
-
-
-async def started(residency: Residency) -> AsyncIterator[FakeOllama]:
-    fake = FakeOllama(residency=residency)
-    await fake.start()
-    try:
-        yield fake
-    finally:
-        for gate in fake._gates.values():
-            gate.set()
-        await fake.stop()
 
 
 async def test_with_the_fast_path_a_matching_request_jumps_the_waiting_reload() -> None:
