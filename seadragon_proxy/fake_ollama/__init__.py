@@ -17,7 +17,8 @@ proxy without a GPU. Tests steer it through the prompt (or last message):
 ``parallel=N`` makes inference requests take turns N at a time inside the fake, as
 Ollama's ``OLLAMA_NUM_PARALLEL`` does: the baseline a direct client sees.
 ``residency=Residency(...)`` (``residency.py``) loads, evicts and schedules models as
-Ollama's ``server/sched.go`` does; ``fake.residency.loads`` counts the loads.
+Ollama's ``server/sched.go`` does, reloading a model whose runner options (``num_ctx``
+...) change; ``fake.residency.loads`` counts the loads, ``reloads`` the reloads.
 Every request is recorded in ``fake.requests``; ``await fake.wait_for(n)`` waits until
 n inference requests have arrived, without sleeping.
 """

@@ -41,6 +41,18 @@ def main() -> None:
     )
     group.add_argument("--default-load", type=float, default=0.0, metavar="SECONDS")
     group.add_argument("--job", type=float, default=0.0, metavar="SECONDS", help="work per request")
+    group.add_argument(
+        "--context-length",
+        type=int,
+        default=4096,
+        metavar="N",
+        help="num_ctx of a request that sets none (OLLAMA_CONTEXT_LENGTH)",
+    )
+    group.add_argument(
+        "--fast-path",
+        action="store_true",
+        help="a loaded model that needs no reload skips Ollama's queue (Ollama 0.11.5+)",
+    )
     args = parser.parse_args()
     residency = None
     if args.residency:
@@ -51,6 +63,8 @@ def main() -> None:
                 load_cost=dict(args.load_cost),
                 default_load=args.default_load,
                 job=args.job,
+                context_length=args.context_length,
+                fast_path=args.fast_path,
             )
         except ValueError as e:
             parser.error(str(e))

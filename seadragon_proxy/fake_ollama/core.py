@@ -14,7 +14,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from .residency import BadKeepAlive, Residency, parse_keep_alive
+from .residency import BadKeepAlive, BadOption, Residency, RunnerOptions, parse_keep_alive
 from .wire import INFERENCE, MODELS, RUNNER_ERROR, _Abort, error, go_json, now_iso
 
 
@@ -75,6 +75,24 @@ class FakeCore:
             return parse_keep_alive(doc["keep_alive"])
         except BadKeepAlive as e:
             raise _Abort(error(str(e), 400)) from None
+
+    def _runner_options(self, doc: dict[str, Any], struct: str) -> RunnerOptions:
+        """The runner options the request asks for; Ollama's answers to bad ones."""
+        assert self.residency is not None
+        options = doc.get("options")
+        if options is not None and not isinstance(options, dict):
+            kind = {str: "string", list: "array", bool: "bool"}.get(type(options), "number")
+            raise _Abort(
+                error(
+                    f"json: cannot unmarshal {kind} into Go struct field {struct}.options"
+                    " of type map[string]interface {}",
+                    400,
+                )
+            )
+        try:
+            return self.residency.runner_options(options)
+        except BadOption as e:
+            raise _Abort(error(str(e), 500)) from None  # handleScheduleError's default
 
     def gate(self, name: str) -> asyncio.Event:
         return self._gates.setdefault(name, asyncio.Event())

@@ -70,7 +70,7 @@ class NativeRoutes(FakeCore):
                     "details": self._details(m),
                     "expires_at": self.residency.expires_iso(runner),
                     "size_vram": size,
-                    "context_length": 8192,
+                    "context_length": runner.options.num_ctx,
                 }
             )
         return sorted(models, key=lambda e: str(e["expires_at"]), reverse=True)
@@ -106,7 +106,8 @@ class NativeRoutes(FakeCore):
         if bare and keep_alive == 0:
             self.residency.expire(model)  # Ollama unloads without loading it first
             return await self._answer(request, doc, model, chat=chat)
-        async with self.residency.use(model, keep_alive, work=not bare) as load_ns:
+        options = self._runner_options(doc, "ChatRequest" if chat else "GenerateRequest")
+        async with self.residency.use(model, keep_alive, work=not bare, options=options) as load_ns:
             return await self._answer(request, doc, model, chat=chat, load_ns=load_ns)
 
     async def _answer(
@@ -162,7 +163,9 @@ class NativeRoutes(FakeCore):
         model = self._model(doc)
         if self.residency is None:
             return await self._embed(request, doc, model)
-        async with self.residency.use(model, self._keep_alive(doc)) as load_ns:
+        struct = "EmbeddingRequest" if request.path == "/api/embeddings" else "EmbedRequest"
+        options = self._runner_options(doc, struct)
+        async with self.residency.use(model, self._keep_alive(doc), options=options) as load_ns:
             return await self._embed(request, doc, model, load_ns)
 
     async def _embed(

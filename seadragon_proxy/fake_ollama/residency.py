@@ -5,7 +5,12 @@ it always did. With it, every inference request goes through one scheduler:
 
 - Requests are scheduled one at a time in arrival order (``processPending``): while the
   head request loads a model, or waits for a model to be evicted, every request behind
-  it waits too, even one for a model that is loaded (head-of-line, as Ollama does).
+  it waits too, even one for a model that is loaded (head-of-line, as Ollama did before
+  0.11.5). ``fast_path=True`` is Ollama 0.11.5 and later (``GetRunner``, commit d5a0d8d):
+  a request for a loaded model that needs no reload takes it at once, past the line, even
+  while that model is marked to be evicted or reloaded — so the waiting request waits for
+  it too, and a ``keep_alive`` it carries cancels the mark (the waiter then waits for
+  that keep-alive to run out).
 - A loaded model has ``num_parallel`` slots; requests beyond them wait in FIFO order (the
   runner's semaphore).
 - At most ``max_loaded_models`` are loaded. A new model evicts one (``findRunnerToUnload``:
@@ -16,9 +21,16 @@ it always did. With it, every inference request goes through one scheduler:
 - ``keep_alive`` (seconds or a Go duration; negative = forever; default 5 minutes) is
   honoured: after the last request of a model ends it stays that long, 0 unloads it at
   once. ``/api/ps`` lists what is loaded with ``expires_at`` and ``size_vram``.
+- A loaded model keeps the runner options it was loaded with (``RunnerOptions``:
+  ``num_ctx``, ``num_batch``, ``num_gpu``, ``main_gpu``, ``use_mmap``, ``num_thread``; an
+  unset one is Ollama's default, ``num_ctx`` is ``context_length``). A request whose
+  options differ reloads it (``needsReload``): it waits, as for an eviction, until the
+  model's requests finish, then unloads and loads it again — a load like any other.
+  ``num_gpu`` unset (or negative) never causes a reload.
 - ``job`` seconds of simulated work per request (0 = none), while holding its slot.
-- ``loads`` counts loads per model, ``unloads`` evictions, ``load_log`` the span of each
-  load, ``running``/``max_running`` the requests holding a slot: for tests and the bench.
+- ``loads`` counts loads per model (reloads included), ``reloads`` the reloads,
+  ``unloads`` the unloads (a reload's too), ``load_log`` the span of each load,
+  ``running``/``max_running`` the requests holding a slot: for tests and the bench.
 """
 
 from __future__ import annotations
@@ -29,11 +41,13 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 FOREVER = None  # a keep-alive that never expires (Ollama: any negative duration)
 DEFAULT_KEEP_ALIVE = 300.0  # OLLAMA_KEEP_ALIVE's default, 5m
+DEFAULT_CONTEXT_LENGTH = 4096  # OLLAMA_CONTEXT_LENGTH's default (0.12)
 WARM_LOAD_NS = 1_000_000  # load_duration of a request whose model was already loaded
 _MAX_DURATION_DAYS = 106_751  # Go's math.MaxInt64 nanoseconds, what "forever" shows as
 _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -42,6 +56,55 @@ _PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 
 class BadKeepAlive(ValueError):
     """A ``keep_alive`` Ollama would refuse; the message is Go's."""
+
+
+class BadOption(ValueError):
+    """A runner option of the wrong type; the message is Go's (``Options.FromMap``)."""
+
+
+_INTEGER_OPTIONS = ("num_ctx", "num_batch", "num_gpu", "main_gpu", "num_thread")
+
+
+@dataclass(frozen=True, slots=True)
+class RunnerOptions:
+    """The options a runner is started with (Ollama's ``api.Runner``), unset ones filled
+    with ``DefaultOptions()``: changing any of them means loading the model again."""
+
+    num_ctx: int = DEFAULT_CONTEXT_LENGTH
+    num_batch: int = 512
+    num_gpu: int = -1  # -1: as many layers as fit, decided at load
+    main_gpu: int = 0
+    use_mmap: bool | None = None
+    num_thread: int = 0  # 0: the runtime decides
+
+    @classmethod
+    def from_request(
+        cls, options: dict[str, Any] | None, context_length: int = DEFAULT_CONTEXT_LENGTH
+    ) -> RunnerOptions:
+        """Read a request's ``options`` as ``FromMap`` over the defaults does: a JSON number
+        is truncated to an integer, ``null`` leaves the default, a wrong type is refused;
+        other keys (sampling options, unknown ones) do not concern the runner."""
+        values: dict[str, Any] = {"num_ctx": context_length}
+        for key, value in (options or {}).items():
+            if value is None or key not in (*_INTEGER_OPTIONS, "use_mmap"):
+                continue
+            if key == "use_mmap":
+                if not isinstance(value, bool):
+                    raise BadOption(f'option "{key}" must be of type boolean')
+                values[key] = value
+            elif isinstance(value, int | float) and not isinstance(value, bool):
+                values[key] = int(value)
+            else:
+                raise BadOption(f'option "{key}" must be of type integer')
+        values["num_ctx"] = max(4, values["num_ctx"])  # GetRunner's floor
+        return cls(**values)
+
+    def needs_reload(self, wanted: RunnerOptions) -> bool:
+        """``needsReload``: any difference, except that a request leaving ``num_gpu`` to
+        Ollama (negative) takes the runner whatever layers it was loaded with."""
+        if wanted.num_gpu < 0:
+            return replace(self, num_gpu=-1) != replace(wanted, num_gpu=-1)
+        return self != wanted
 
 
 def parse_keep_alive(value: object) -> float | None:
@@ -72,6 +135,7 @@ class Runner:
     model: str
     slots: asyncio.Semaphore
     keep_alive: float | None
+    options: RunnerOptions = field(default_factory=RunnerOptions)
     refs: int = 0  # requests given this runner and not yet finished (Ollama's refCount)
     expires_at: float | None = None  # wall-clock time.time(), set when it goes idle
     timer: asyncio.TimerHandle | None = None
@@ -86,7 +150,10 @@ class Residency:
     default_load: float = 0.0
     job: float = 0.0
     keep_alive: float | None = DEFAULT_KEEP_ALIVE
+    context_length: int = DEFAULT_CONTEXT_LENGTH  # OLLAMA_CONTEXT_LENGTH: num_ctx when unset
+    fast_path: bool = False  # Ollama >= 0.11.5's GetRunner: a usable loaded model skips the line
     loads: Counter[str] = field(default_factory=Counter)
+    reloads: Counter[str] = field(default_factory=Counter)
     unloads: Counter[str] = field(default_factory=Counter)
     loaded: dict[str, Runner] = field(default_factory=dict)
     load_log: list[tuple[str, float, float]] = field(default_factory=list)  # model, began, ended
@@ -100,6 +167,8 @@ class Residency:
             raise ValueError("max_loaded_models and num_parallel must be at least 1")
         if self.default_load < 0 or self.job < 0 or any(v < 0 for v in self.load_cost.values()):
             raise ValueError("load costs and job time must not be negative")
+        if self.context_length < 1:
+            raise ValueError("context_length must be at least 1")
 
     def cost(self, model: str) -> float:
         return self.load_cost.get(model, self.default_load)
@@ -108,15 +177,26 @@ class Residency:
         if self.on_change is not None:
             self.on_change()
 
+    def runner_options(self, options: dict[str, Any] | None) -> RunnerOptions:
+        """A request's runner options, unset ones at their defaults (raises ``BadOption``)."""
+        return RunnerOptions.from_request(options, self.context_length)
+
     @asynccontextmanager
     async def use(
-        self, model: str, keep_alive: float | str | None = "default", *, work: bool = True
+        self,
+        model: str,
+        keep_alive: float | str | None = "default",
+        *,
+        work: bool = True,
+        options: RunnerOptions | None = None,
     ) -> AsyncIterator[int]:
         """Hold a slot of ``model`` (loading it if need be); yields ``load_duration`` in ns.
 
         ``keep_alive="default"`` means the request named none; ``work=False`` (a bare
-        load request) skips the simulated ``job`` time."""
-        runner, load_ns = await self._schedule(model, keep_alive)
+        load request) skips the simulated ``job`` time; ``options`` (default: all unset)
+        reload the model when they differ from the ones it was loaded with."""
+        wanted = options if options is not None else self.runner_options(None)
+        runner, load_ns = await self._schedule(model, keep_alive, wanted)
         try:
             async with runner.slots:
                 self.running += 1
@@ -132,29 +212,42 @@ class Residency:
             self._finished(runner)
             self._changed()
 
-    async def _schedule(self, model: str, keep_alive: float | str | None) -> tuple[Runner, int]:
+    async def _schedule(
+        self, model: str, keep_alive: float | str | None, wanted: RunnerOptions
+    ) -> tuple[Runner, int]:
+        runner = self.loaded.get(model)
+        if self.fast_path and runner is not None and not runner.options.needs_reload(wanted):
+            self._take(runner, keep_alive)  # GetRunner's shortcut: past the pending queue
+            return runner, WARM_LOAD_NS
         async with self._pending:  # one pending request at a time, in arrival order
+            reloading = False
             while True:
                 runner = self.loaded.get(model)
-                if runner is not None:
+                if runner is not None and not runner.options.needs_reload(wanted):
                     self._take(runner, keep_alive)
                     return runner, WARM_LOAD_NS
-                if len(self.loaded) < self.max_loaded_models:
-                    return await self._load(model, keep_alive)
-                victim = self._to_unload()
+                if runner is None and len(self.loaded) < self.max_loaded_models:
+                    if reloading:
+                        self.reloads[model] += 1
+                    return await self._load(model, keep_alive, wanted)
+                # The model itself with other options, or another model to make room for.
+                victim = runner if runner is not None else self._to_unload()
+                reloading = reloading or victim is runner
                 victim.keep_alive = 0.0  # expire as soon as its requests finish
                 if victim.refs == 0:
                     self._unload(victim)
                 await victim.gone.wait()
 
-    async def _load(self, model: str, keep_alive: float | str | None) -> tuple[Runner, int]:
+    async def _load(
+        self, model: str, keep_alive: float | str | None, options: RunnerOptions
+    ) -> tuple[Runner, int]:
         began = time.perf_counter()
         await asyncio.sleep(self.cost(model))  # the simulated load
         ended = time.perf_counter()
         self.load_log.append((model, began, ended))
         load_ns = int((ended - began) * 1e9)
         ka = self.keep_alive if isinstance(keep_alive, str) else keep_alive
-        runner = Runner(model, asyncio.Semaphore(self.num_parallel), ka, refs=1)
+        runner = Runner(model, asyncio.Semaphore(self.num_parallel), ka, options, refs=1)
         self.loaded[model] = runner
         self.loads[model] += 1
         self._changed()
