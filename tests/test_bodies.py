@@ -363,19 +363,21 @@ async def test_a_client_that_stops_reading_is_cut_and_the_slot_moves_on(
     sock.setblocking(False)
     await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", proxy.server.port))
     reader, writer = await asyncio.open_connection(sock=sock, limit=1024)
-    body = json.dumps({"model": MODEL, "prompt": "flood", "options": {"num_predict": 10**8}})
-    writer.write(post_head("/api/generate", len(body), "Content-Type: application/json"))
-    writer.write(body.encode())
-    await writer.drain()
-    assert (await reader.readline()).startswith(b"HTTP/1.1 200")
-    await proxy.fake.wait_for(1)
-    # ... and it reads nothing more. A priority-0 request arrives and waits for the slot:
-    waiter = asyncio.create_task(proxy.generate("next", source="coding"))
-    await proxy.watch.queued(1)
-    async with asyncio.timeout(20):
-        status, lines = await waiter
-    assert status == 200 and lines[-1]["done"] is True
-    stalled = next(r for r in await proxy.records(2) if r.error)
-    assert stalled.error == "client stopped reading for server.send_timeout (0.5 s)"
-    assert proxy.fake.inference[0].cancelled  # Ollama was told to stop generating
-    writer.close()
+    try:
+        body = json.dumps({"model": MODEL, "prompt": "flood", "options": {"num_predict": 10**8}})
+        writer.write(post_head("/api/generate", len(body), "Content-Type: application/json"))
+        writer.write(body.encode())
+        await writer.drain()
+        assert (await reader.readline()).startswith(b"HTTP/1.1 200")
+        await proxy.fake.wait_for(1)
+        # ... and it reads nothing more. A priority-0 request arrives and waits for the slot:
+        waiter = asyncio.create_task(proxy.generate("next", source="coding"))
+        await proxy.watch.queued(1)
+        async with asyncio.timeout(20):
+            status, lines = await waiter
+        assert status == 200 and lines[-1]["done"] is True
+        stalled = next(r for r in await proxy.records(2) if r.error)
+        assert stalled.error == "client stopped reading for server.send_timeout (0.5 s)"
+        assert proxy.fake.inference[0].cancelled  # Ollama was told to stop generating
+    finally:
+        writer.close()

@@ -31,7 +31,7 @@ class Seen:
     arrived: float  # perf_counter() when the handler started
     started: float = 0.0  # perf_counter() when it began to be served (after ``parallel``)
     finished: float = 0.0  # perf_counter() after the last byte was written
-    cancelled: bool = False
+    cancelled: bool = False  # the client hung up before the answer ended
 
     @property
     def json(self) -> Any:
@@ -173,7 +173,9 @@ class FakeCore:
                 if turns is not None:
                     turns.release()
                 self._notify()
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, ConnectionResetError):
+            # The client went away before the answer ended: aiohttp cancels the handler, or
+            # (when the hang-up is seen by a write first) the write fails.
             seen.cancelled = True
             self._notify()
             raise
