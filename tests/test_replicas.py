@@ -474,3 +474,27 @@ async def test_a_grant_names_the_server_and_the_other_replica_sends_there(
             await proxy.server.stop()
         for fake in fakes:
             await fake.stop()
+
+
+async def test_a_burst_beyond_the_redis_pool_waits_for_connections_not_503(
+    make_replica: ReplicaFactory, fake: FakeOllama
+) -> None:
+    """150 requests at once behind a held slot: each announce needs a Redis connection, and
+    more than the pool holds wait for one instead of failing (redis-py's default pool of
+    100 answered "Too many connections": 503 for the rest of the burst)."""
+    r1 = await make_replica("r1")
+    await leader(r1)
+    busy = gen(r1, "gate:one", "scripts")
+    await fake.wait_for(1)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+
+        async def one(i: int) -> int:
+            body = {"model": MODEL, "prompt": f"job {i}", "stream": False}
+            async with session.post(r1.url + "/api/generate", json=body) as r:
+                return r.status
+
+        tasks = [asyncio.create_task(one(i)) for i in range(150)]
+        await r1.watch.until(lambda: r1.scheduler.queue_length == 150, timeout=30)
+        fake.gate("one").set()
+        assert await asyncio.gather(*tasks) == [200] * 150
+    assert (await busy)[0] == 200

@@ -28,6 +28,9 @@ from ..replicafile import RedisSettings, redacted
 
 log = structlog.get_logger("seadragon.redis")
 
+POOL_SIZE = 64  # connections for commands (pub/sub has its own)
+POOL_WAIT = 5.0  # seconds a command may wait for one of them
+
 Handler = Callable[[bytes], Awaitable[None] | None]  # the message's data
 StateListener = Callable[[bool], Awaitable[None] | None]  # True = up
 
@@ -38,13 +41,19 @@ class RedisLink:
         self.replica = replica
         # A command on a pooled connection that Redis closed (it restarted) is tried once
         # more on a fresh one; make what you send idempotent, as it may arrive twice.
-        self.client: redis.Redis = redis.Redis.from_url(
+        # A bounded pool that makes a burst wait for a connection (at most POOL_WAIT
+        # seconds) rather than fail: redis-py's default pool refuses command 101 of a burst
+        # with "Too many connections", which a burst of 200 requests met at once.
+        pool = redis.BlockingConnectionPool.from_url(
             settings.url,
+            max_connections=POOL_SIZE,
+            timeout=POOL_WAIT,
             socket_connect_timeout=2,
             socket_timeout=5,
             retry=Retry(NoBackoff(), 1),
             retry_on_error=[RedisConnectionError, RedisTimeoutError],
         )
+        self.client: redis.Redis = redis.Redis.from_pool(pool)  # closed with the client
         self._handlers: dict[str, Handler] = {}
         self._state_listeners: list[StateListener] = []
         self._up = False
