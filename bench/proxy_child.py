@@ -4,7 +4,9 @@ Started as ``seadragon-proxy serve`` starts it (``start_server(load_settings(pat
 ``configure_logging``), plus a control channel (``bench.rpc``):
 
     wait_queued n=N    until N requests wait in the proxy's queue (a scheduler listener
-                       wakes it; the listener is attached only while someone waits)
+                       wakes it; the listener is attached only while someone waits); with
+                       the Redis backend, until N wait at this replica
+    wait_dispatched n=N  on the Redis dispatcher, until its scheduler holds N waiters
     trace_start        stamp (perf_counter) every slot granted and released, until
     trace_stop         which returns the stamps: {"started": [...], "finished": [...]}
 
@@ -24,7 +26,7 @@ from seadragon_proxy.logs import configure_logging
 from seadragon_proxy.scheduling import Scheduler, Ticket
 from seadragon_proxy.server import start_server
 from seadragon_proxy.settings import load_settings
-from seadragon_proxy.typedefs import SCHEDULER
+from seadragon_proxy.typedefs import REPLICA, SCHEDULER
 
 from . import rpc
 from .runtime import LOOPS, raise_nofile_limit, run
@@ -68,18 +70,48 @@ class SlotTrace:
         return self._stamps
 
 
+async def wait_remote(queue: Any, count: int, timeout: float) -> dict[str, int]:
+    """With the Redis backend: until ``count`` requests wait at this replica (announced to
+    the shared queue, wherever the dispatcher is)."""
+    changed = asyncio.Event()
+
+    def on_event(_event: str, _ticket: Ticket) -> None:
+        changed.set()
+
+    queue.listeners.append(on_event)
+    try:
+        async with asyncio.timeout(timeout):
+            while queue.waiting < count:
+                changed.clear()
+                await changed.wait()
+    finally:
+        queue.listeners.remove(on_event)
+    return {"queue_length": queue.waiting, "in_flight": queue.running}
+
+
 async def main(config: Path) -> None:
     settings = load_settings(config)
     configure_logging(settings.log)
     server = await start_server(settings)
     scheduler = server.app[SCHEDULER]
+    replica = server.app[REPLICA]
 
     async def queued(message: dict[str, Any]) -> dict[str, int]:
+        count, timeout = int(message["n"]), float(message["timeout"])
+        if replica is None:
+            return await wait_queued(scheduler, count, timeout)
+        return await wait_remote(replica.queue, count, timeout)
+
+    async def dispatched(message: dict[str, Any]) -> dict[str, int]:
+        """Until the dispatcher's scheduler holds ``n`` waiters; at once elsewhere."""
+        if replica is None or not replica.dispatcher.dispatching:
+            return {"queue_length": scheduler.queue_length, "in_flight": scheduler.in_flight}
         return await wait_queued(scheduler, int(message["n"]), float(message["timeout"]))
 
     trace = SlotTrace(scheduler)
     commands: dict[str, rpc.Handler] = {
         "wait_queued": queued,
+        "wait_dispatched": dispatched,
         "trace_start": trace.start,
         "trace_stop": trace.stop,
     }

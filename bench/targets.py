@@ -100,7 +100,17 @@ class Proxied(Target):
         self._channel = child.control()
 
     async def wait_waiting(self, count: int, timeout: float) -> None:
+        await self.wait_here(count, timeout)
+        await self.wait_dispatched(count, timeout)
+
+    async def wait_here(self, count: int, timeout: float) -> None:
+        """Until ``count`` requests wait at this proxy (with Redis: at this replica)."""
         await self._channel.call("wait_queued", timeout, n=count)
+
+    async def wait_dispatched(self, count: int, timeout: float) -> None:
+        """With the Redis backend, if this replica dispatches: until ``count`` are in its
+        scheduler (the announces have been admitted); otherwise at once."""
+        await self._channel.call("wait_dispatched", timeout, n=count)
 
     async def trace_start(self) -> None:
         """Stamp every slot the scheduler grants and releases, until ``trace_stop``."""

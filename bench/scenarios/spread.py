@@ -1,4 +1,4 @@
-"""Scenario 8, waiters over two replicas: N requests (10 000) waiting, half at each of two
+"""Scenario 12, waiters over two replicas: N requests (10 000) waiting, half at each of two
 proxy replicas on the Redis backend, behind one blocker on the one slot.
 
 Two proxies of their own (``replica-1``, ``replica-2``, one redis-server the scenario
@@ -27,7 +27,7 @@ from ..report import Row
 from ..targets import Proxied
 from .workers import NEEDS_QUEUE, redis_queue_present
 
-NAME = "8 waiters on two replicas"
+NAME = "12 waiters on two replicas"
 TIMEOUT = 60.0
 PER_REQUEST = 0.02
 
@@ -73,7 +73,9 @@ async def run(bench: Bench) -> list[Row]:
                 for _ in range(half):
                     load.start(client.generate(s, target.url, data))
             for target in replicas:
-                await target.wait_waiting(half, limit)
+                await target.wait_here(half, limit)
+            for target in replicas:  # and the dispatcher's scheduler holds them all
+                await target.wait_dispatched(size, limit)
             rss_after = [rss_bytes(t.pid) for t in replicas]
             redis_after = await used_memory()
             opened = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Scenario 7, workers: requests per second of ``seadragon-proxy serve --workers N`` for
+"""Scenario 11, workers: requests per second of ``seadragon-proxy serve --workers N`` for
 N = 1, 2, 4 on one port, in front of a fake Ollama of its own with 8 slots.
 
 Two loads, each for a fixed time with ``CONCURRENCY`` requests always in flight on
@@ -31,7 +31,7 @@ from ..context import Bench
 from ..redis_child import free_port, redis_url, start_redis
 from ..report import Row
 
-NAME = "7 workers"
+NAME = "11 workers"
 WORKERS = (1, 2, 4)
 SLOTS = 8
 CONCURRENCY = 64
