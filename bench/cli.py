@@ -35,7 +35,7 @@ from .scenarios.workers import NEEDS_QUEUE, redis_queue_present
 from .targets import Direct, Fake, HAProxy, Proxied, Target
 
 RESULTS = Path(__file__).resolve().parent / "results"
-BUDGET = 480.0  # seconds (twelve scenarios); then up to 10 s per child to stop
+BUDGET = 720.0  # seconds (twelve scenarios, four fronts); then up to 10 s per child to stop
 WARM_UP = 50
 WITH_REDIS = ("1", "2")  # the "handoff gap and added latency with the Redis backend"
 

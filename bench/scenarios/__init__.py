@@ -31,7 +31,7 @@ SCENARIOS: dict[str, tuple[str, Scenario, float]] = {
     "2": ("added latency", latency.run_latency, 60),
     "3": ("time to first chunk", latency.run_first_chunk, 60),
     "4": ("streaming throughput", throughput.run, 60),
-    "5": ("queue scale", scale.run, 150),
+    "5": ("queue scale", scale.run, 300),  # four fronts at 10 000 waiters
     "6": ("priority under load", priority.run, 60),
     "7": ("fewer model swaps", swaps.run, 120),
     "8": ("fleet against round robin", fleet.run, 90),

@@ -29,7 +29,7 @@ from ..replicafile import RedisSettings, redacted
 log = structlog.get_logger("seadragon.redis")
 
 POOL_SIZE = 64  # connections for commands (pub/sub has its own)
-POOL_WAIT = 5.0  # seconds a command may wait for one of them
+POOL_WAIT = 30.0  # seconds a command may wait for one of them (a burst of 10 000 waits)
 
 Handler = Callable[[bytes], Awaitable[None] | None]  # the message's data
 StateListener = Callable[[bool], Awaitable[None] | None]  # True = up
