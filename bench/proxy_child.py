@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,21 +32,29 @@ from seadragon_proxy.typedefs import REPLICA, SCHEDULER
 from . import rpc
 from .runtime import LOOPS, raise_nofile_limit, run
 
+Listen = Callable[[Callable[[str, Ticket], None]], None]
 
-async def wait_queued(scheduler: Scheduler, count: int, timeout: float) -> dict[str, int]:
+
+async def until(add: Listen, remove: Listen, done: Callable[[], bool], timeout: float) -> None:
+    """Until ``done()``, checked at each event of a queue (``add``/``remove`` a listener)."""
     changed = asyncio.Event()
 
     def on_event(_event: str, _ticket: Ticket) -> None:
         changed.set()
 
-    scheduler.add_listener(on_event)
+    add(on_event)
     try:
         async with asyncio.timeout(timeout):
-            while scheduler.queue_length < count:
+            while not done():
                 changed.clear()
                 await changed.wait()
     finally:
-        scheduler.remove_listener(on_event)
+        remove(on_event)
+
+
+async def wait_queued(scheduler: Scheduler, count: int, timeout: float) -> dict[str, int]:
+    add, remove = scheduler.add_listener, scheduler.remove_listener
+    await until(add, remove, lambda: scheduler.queue_length >= count, timeout)
     return {"queue_length": scheduler.queue_length, "in_flight": scheduler.in_flight}
 
 
@@ -73,19 +82,8 @@ class SlotTrace:
 async def wait_remote(queue: Any, count: int, timeout: float) -> dict[str, int]:
     """With the Redis backend: until ``count`` requests wait at this replica (announced to
     the shared queue, wherever the dispatcher is)."""
-    changed = asyncio.Event()
-
-    def on_event(_event: str, _ticket: Ticket) -> None:
-        changed.set()
-
-    queue.listeners.append(on_event)
-    try:
-        async with asyncio.timeout(timeout):
-            while queue.waiting < count:
-                changed.clear()
-                await changed.wait()
-    finally:
-        queue.listeners.remove(on_event)
+    listeners = queue.listeners
+    await until(listeners.append, listeners.remove, lambda: queue.waiting >= count, timeout)
     return {"queue_length": queue.waiting, "in_flight": queue.running}
 
 
